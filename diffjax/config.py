@@ -1,0 +1,188 @@
+"""The one place config rules live: defaults, the paper's hyperparameters, validation, derived values.
+
+Config files in `configs/` call `base_config()` or `paper_config()` and override what differs;
+`validate()` runs before anything is compiled and raises `ConfigError` with one line that names the
+key, the value and the fix.
+"""
+
+import math
+
+import jax.numpy as jnp
+import ml_collections
+
+from diffjax.data.tokenizer import ByteTokenizer
+from diffjax.model.attention import ATTENTION_TYPES
+from diffjax.model.model_config import ModelConfig
+from diffjax.model.transformer import REMAT_POLICIES
+
+PAPER_VOCAB_SIZE = 100_288
+LR_SCHEDULES = ("cosine", "linear")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message is one line and says how to fix it."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key with its default; `configs/tiny.py` is this plus a run directory."""
+    config = ml_collections.ConfigDict()
+    config.workdir = "runs/tiny"
+    config.seed = 0
+    config.total_steps = 400
+    config.batch_size = 16  # global, in sequences
+    config.seq_len = 128
+    config.learning_rate = 3e-3
+    config.end_learning_rate = 3e-4
+    config.lr_schedule = "cosine"
+    config.warmup_steps = 40
+    config.adam_b1 = 0.9
+    config.adam_b2 = 0.98
+    config.adam_eps = 1e-8
+    config.weight_decay = 0.05
+    config.grad_clip_norm = 1.0
+    config.log_every_steps = 20
+    config.eval_every_steps = 200  # 0: evaluate only at the start and the end
+    config.eval_batches = 8
+    config.sample_prompt = "The "
+    config.sample_tokens = 96
+    config.model = ml_collections.ConfigDict(
+        dict(
+            vocab_size=ByteTokenizer.vocab_size,
+            emb_dim=128,
+            num_layers=4,
+            num_heads=2,  # differential heads H; the standard baseline uses 2H
+            num_kv_heads=2,
+            mlp_dim=352,
+            attention_type="diff",
+            tie_embeddings=True,
+            subln_affine=True,
+            rope_theta=10_000.0,
+            rms_norm_eps=1e-6,
+            lambda_std_dev=0.1,
+            init_std=0.02,
+            dtype="float32",
+            param_dtype="float32",
+            remat_policy="none",
+        )
+    )
+    return config
+
+
+def paper_config(
+    *,
+    name: str,
+    emb_dim: int,
+    num_layers: int,
+    num_heads: int,
+    learning_rate: float,
+    attention_type: str = "diff",
+) -> ml_collections.ConfigDict:
+    """A scaling-curve model of Table 9 / Appendix E: seq 2048, 0.25M-token batches, 40k steps.
+
+    The FFN is 8/3 E rounded to a multiple of 128 (exact for 830M; the paper states 8/3 E).
+    """
+    config = base_config()
+    config.workdir = f"runs/{name}_{attention_type}"
+    config.total_steps = 40_000
+    config.seq_len = 2048
+    config.batch_size = 128  # 128 x 2048 = 0.26M tokens
+    config.learning_rate = learning_rate
+    config.end_learning_rate = 0.0
+    config.lr_schedule = "linear"
+    config.warmup_steps = 375
+    config.adam_b1, config.adam_b2 = 0.9, 0.98
+    config.weight_decay = 0.05
+    config.log_every_steps = 100
+    config.eval_every_steps = 1000
+    config.model.update(
+        vocab_size=PAPER_VOCAB_SIZE,
+        emb_dim=emb_dim,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_heads,
+        mlp_dim=128 * round(8 * emb_dim / 3 / 128),
+        attention_type=attention_type,
+        dtype="bfloat16",
+        remat_policy="full",
+    )
+    return config
+
+
+def _fail(message: str) -> None:
+    raise ConfigError(message)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raise `ConfigError` on the first value that cannot work."""
+    model = config.model
+    for key, value in [
+        ("total_steps", config.total_steps),
+        ("batch_size", config.batch_size),
+        ("seq_len", config.seq_len),
+        ("log_every_steps", config.log_every_steps),
+        ("eval_batches", config.eval_batches),
+        ("model.vocab_size", model.vocab_size),
+        ("model.emb_dim", model.emb_dim),
+        ("model.num_layers", model.num_layers),
+        ("model.num_heads", model.num_heads),
+        ("model.num_kv_heads", model.num_kv_heads),
+        ("model.mlp_dim", model.mlp_dim),
+    ]:
+        if value <= 0:
+            _fail(f"{key}={value} must be a positive integer")
+    for key, value in [
+        ("warmup_steps", config.warmup_steps),
+        ("eval_every_steps", config.eval_every_steps),
+        ("sample_tokens", config.sample_tokens),
+    ]:
+        if value < 0:
+            _fail(f"{key}={value} must be >= 0")
+    if model.attention_type not in ATTENTION_TYPES:
+        _fail(f"model.attention_type={model.attention_type!r} is unknown; choose one of {sorted(ATTENTION_TYPES)}")
+    if model.emb_dim % (2 * model.num_heads):
+        _fail(
+            f"model.emb_dim={model.emb_dim} is not divisible by 2*model.num_heads={2 * model.num_heads}; "
+            "pick emb_dim as a multiple of twice the differential head count"
+        )
+    if (model.emb_dim // (2 * model.num_heads)) % 2:
+        _fail(
+            f"head width emb_dim/(2*num_heads)={model.emb_dim // (2 * model.num_heads)} is odd; "
+            "RoPE needs an even head width"
+        )
+    if model.num_heads % model.num_kv_heads:
+        _fail(
+            f"model.num_heads={model.num_heads} is not divisible by model.num_kv_heads={model.num_kv_heads}; "
+            "use a divisor of num_heads for num_kv_heads"
+        )
+    if model.vocab_size < ByteTokenizer.vocab_size:
+        _fail(
+            f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's {ByteTokenizer.vocab_size} ids; "
+            f"set it to at least {ByteTokenizer.vocab_size}"
+        )
+    for key in ("dtype", "param_dtype"):
+        if model[key] not in DTYPES:
+            _fail(f"model.{key}={model[key]!r} is unknown; choose one of {list(DTYPES)}")
+    if model.remat_policy not in ("none", *REMAT_POLICIES):
+        _fail(f"model.remat_policy={model.remat_policy!r} is unknown; choose one of {['none', *REMAT_POLICIES]}")
+    if not (math.isfinite(config.learning_rate) and config.learning_rate > 0):
+        _fail(f"learning_rate={config.learning_rate} must be a positive number")
+    if not 0 <= config.end_learning_rate <= config.learning_rate:
+        _fail(f"end_learning_rate={config.end_learning_rate} must lie in [0, learning_rate={config.learning_rate}]")
+    if config.lr_schedule not in LR_SCHEDULES:
+        _fail(f"lr_schedule={config.lr_schedule!r} is unknown; choose one of {list(LR_SCHEDULES)}")
+    if config.warmup_steps > config.total_steps:
+        _fail(f"warmup_steps={config.warmup_steps} exceeds total_steps={config.total_steps}")
+    for key in ("adam_b1", "adam_b2"):
+        if not 0 <= config[key] < 1:
+            _fail(f"{key}={config[key]} must lie in [0, 1)")
+    if config.weight_decay < 0 or config.grad_clip_norm <= 0:
+        _fail("weight_decay must be >= 0 and grad_clip_norm > 0")
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    """The typed model hyperparameters of a validated config."""
+    values = config.model.to_dict()
+    values["dtype"] = jnp.dtype(values["dtype"])
+    values["param_dtype"] = jnp.dtype(values["param_dtype"])
+    return ModelConfig(**values)

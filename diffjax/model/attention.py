@@ -1,0 +1,140 @@
+"""Attention layers: differential attention v1 (the paper), v2, and the standard-Transformer baseline.
+
+All three use the Hugging Face head layout (SPEC section 1), so exporting to `DiffLlamaForCausalLM` is
+a transpose: query heads `[0, H)` are the first softmax branch and `[H, 2H)` the second, likewise
+for key/value heads `[0, Hkv)` and `[Hkv, 2Hkv)`.
+"""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from diffjax import ops
+from diffjax.model.layers import RMSNorm, apply_rope, dense
+from diffjax.model.model_config import ModelConfig
+
+
+class LayerConstants(NamedTuple):
+    """Per-layer float32 scalars derived from the layer index (scanned alongside the stacked weights).
+
+    Both come from float64 like Hugging Face's Python floats, so bfloat16 outputs match it bit for bit.
+    """
+
+    lambda_init: jax.Array  # 0.8 - 0.6 exp(-0.3 l)
+    output_scale: jax.Array  # 1 - lambda_init, applied after the per-head RMSNorm
+
+
+class _ProjectedAttention(nnx.Module):
+    """Base of every attention layer: q/k/v projections split into heads, RoPE on queries and keys."""
+
+    def __init__(self, cfg: ModelConfig, num_q: int, num_kv: int, *, rngs: nnx.Rngs):
+        linear = functools.partial(dense, cfg, rngs=rngs)
+        self.head_dim = cfg.head_dim
+        self.rope_theta = cfg.rope_theta
+        self.q_proj = linear(cfg.emb_dim, num_q * cfg.head_dim)
+        self.k_proj = linear(cfg.emb_dim, num_kv * cfg.head_dim)
+        self.v_proj = linear(cfg.emb_dim, num_kv * cfg.head_dim)
+
+    def project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        batch, length, _ = x.shape
+
+        def heads(y: jax.Array) -> jax.Array:
+            return y.reshape(batch, length, -1, self.head_dim)
+
+        q = apply_rope(heads(self.q_proj(x)), positions, self.rope_theta)
+        k = apply_rope(heads(self.k_proj(x)), positions, self.rope_theta)
+        return q, k, heads(self.v_proj(x))
+
+
+class DiffAttention(_ProjectedAttention):
+    """Multi-head differential attention, version 1 (Ye et al., ICLR 2025), with GQA."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        super().__init__(cfg, 2 * cfg.num_heads, 2 * cfg.num_kv_heads, rngs=rngs)
+        self.o_proj = dense(cfg, cfg.emb_dim, cfg.emb_dim, rngs=rngs)
+        init = nnx.initializers.normal(cfg.lambda_std_dev)
+        shape = (cfg.head_dim,)
+        self.lambda_q1 = nnx.Param(init(rngs.params(), shape, cfg.param_dtype))
+        self.lambda_k1 = nnx.Param(init(rngs.params(), shape, cfg.param_dtype))
+        self.lambda_q2 = nnx.Param(init(rngs.params(), shape, cfg.param_dtype))
+        self.lambda_k2 = nnx.Param(init(rngs.params(), shape, cfg.param_dtype))
+        self.subln = RMSNorm(
+            2 * cfg.head_dim, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype, affine=cfg.subln_affine
+        )
+
+    def lambda_full(self, lambda_init: jax.Array, dtype: jnp.dtype) -> jax.Array:
+        """exp(<lq1, lk1>) - exp(<lq2, lk2>) + lambda_init, cast where Hugging Face casts."""
+
+        def branch(lq: nnx.Param, lk: nnx.Param) -> jax.Array:
+            return jnp.exp(jnp.sum(lq[...] * lk[...], dtype=jnp.float32)).astype(dtype)
+
+        difference = branch(self.lambda_q1, self.lambda_k1) - branch(self.lambda_q2, self.lambda_k2)
+        return (difference.astype(jnp.float32) + lambda_init).astype(dtype)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array | None,
+        layer: LayerConstants,
+    ) -> jax.Array:
+        q, k, v = self.project(x, positions)
+        h, g = self.num_heads, self.num_kv_heads
+        values = jnp.concatenate([v[:, :, :g], v[:, :, g:]], axis=-1)
+        lam = self.lambda_full(layer.lambda_init, x.dtype)
+        out = ops.diff_attention(q[:, :, :h], q[:, :, h:], k[:, :, :g], k[:, :, g:], values, lam, segment_ids)
+        out = (self.subln(out).astype(jnp.float32) * layer.output_scale).astype(x.dtype)
+        return self.o_proj(out.reshape(*x.shape[:2], -1))
+
+
+class DiffAttentionV2(_ProjectedAttention):
+    """Differential attention v2 (SPEC section 3): adjacent query-head pairs, per-token sigmoid lambda."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg, 2 * cfg.num_heads, cfg.num_kv_heads, rngs=rngs)
+        self.lambda_proj = dense(cfg, cfg.emb_dim, cfg.num_heads, rngs=rngs)
+        self.o_proj = dense(cfg, cfg.num_heads * cfg.head_dim, cfg.emb_dim, rngs=rngs)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array | None,
+        layer: LayerConstants,
+    ) -> jax.Array:
+        del layer  # v2 has no lambda_init and no output scale
+        q, k, v = self.project(x, positions)
+        attn = ops.attention(q, k, v, segment_ids)
+        lam = jax.nn.sigmoid(self.lambda_proj(x).astype(jnp.float32)).astype(x.dtype)
+        out = attn[:, :, 0::2] - lam[..., None] * attn[:, :, 1::2]
+        return self.o_proj(out.reshape(*x.shape[:2], -1))
+
+
+class StandardAttention(_ProjectedAttention):
+    """The paper's baseline: softmax attention with 2H heads of width d, same parameter count as v1."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg, 2 * cfg.num_heads, 2 * cfg.num_kv_heads, rngs=rngs)
+        self.o_proj = dense(cfg, cfg.emb_dim, cfg.emb_dim, rngs=rngs)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array | None,
+        layer: LayerConstants,
+    ) -> jax.Array:
+        del layer  # no differential terms
+        q, k, v = self.project(x, positions)
+        return self.o_proj(ops.attention(q, k, v, segment_ids).reshape(*x.shape[:2], -1))
+
+
+ATTENTION_TYPES: dict[str, type[nnx.Module]] = {
+    "diff": DiffAttention,
+    "diff_v2": DiffAttentionV2,
+    "standard": StandardAttention,
+}

@@ -1,0 +1,87 @@
+"""The decoder: pre-norm blocks stacked along a leading layer axis and run with a scan."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from diffjax.model.attention import ATTENTION_TYPES, LayerConstants
+from diffjax.model.layers import RMSNorm, SwiGLU, dense
+from diffjax.model.model_config import ModelConfig
+
+REMAT_POLICIES = {
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+class Block(nnx.Module):
+    """`x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        norm = dict(eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
+        self.attn_norm = RMSNorm(cfg.emb_dim, **norm)
+        self.attn = ATTENTION_TYPES[cfg.attention_type](cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.emb_dim, **norm)
+        self.mlp = SwiGLU(cfg, rngs=rngs)
+
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, layer: LayerConstants
+    ) -> jax.Array:
+        x = x + self.attn(self.attn_norm(x), positions, segment_ids, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class DiffTransformer(nnx.Module):
+    """Decoder-only language model; `blocks` holds every layer's weights stacked on axis 0."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = nnx.Embed(
+            cfg.vocab_size,
+            cfg.emb_dim,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            embedding_init=nnx.initializers.normal(cfg.init_std),
+            rngs=rngs,
+        )
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def stacked_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rngs=rngs)
+
+        self.blocks = stacked_blocks(rngs)
+        self.final_norm = RMSNorm(cfg.emb_dim, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
+        self.lm_head = None if cfg.tie_embeddings else dense(cfg, cfg.emb_dim, cfg.vocab_size, rngs=rngs)
+
+    def layer_constants(self) -> LayerConstants:
+        lambda_init = self.cfg.lambda_inits()
+        return LayerConstants(
+            lambda_init=jnp.asarray(lambda_init, jnp.float32),
+            output_scale=jnp.asarray(1.0 - lambda_init, jnp.float32),
+        )
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """int `[B, T]` tokens -> `[B, T, vocab]` logits in the activation dtype.
+
+        `positions` (default `0..T-1`) feed RoPE; `segment_ids` (0 = padding) keep packed documents
+        from attending to each other.
+        """
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        block_call = Block.__call__
+        if self.cfg.remat_policy != "none":
+            block_call = nnx.remat(block_call, policy=REMAT_POLICIES[self.cfg.remat_policy])
+
+        @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry)
+        def run_layers(x: jax.Array, block: Block, layer: LayerConstants) -> jax.Array:
+            return block_call(block, x, positions, segment_ids, layer)
+
+        x = run_layers(self.embed(tokens), self.blocks, self.layer_constants())
+        x = self.final_norm(x)
+        return self.embed.attend(x) if self.lm_head is None else self.lm_head(x)

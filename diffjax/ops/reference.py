@@ -1,0 +1,71 @@
+"""Dense XLA attention cores: the numerical reference every faster implementation is tested against.
+
+Shapes: queries `[B, T, Hq, d]`, keys `[B, T, Hkv, d]`, values `[B, T, Hkv, dv]` with `Hq % Hkv == 0`
+(query head `h` reads key/value head `h // (Hq / Hkv)`; K/V are never repeated in memory).
+`segment_ids` `[B, T]` (0 = padding) restricts attention to the query's own document; attention is
+always causal. Casts follow SPEC section 1: logits in the activation dtype, softmax in float32, the
+probabilities cast back before they meet V.
+"""
+
+import jax
+import jax.numpy as jnp
+
+_MASKED = jnp.finfo(jnp.float32).min
+
+
+def _mask(segment_ids: jax.Array | None, length: int) -> jax.Array:
+    """Boolean `[B or 1, 1, 1, T, T]` mask: causal, same segment, and never from a padding query."""
+    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+    if segment_ids is None:
+        return causal[None, None, None]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    real = (segment_ids != 0)[:, :, None]
+    return (causal[None] & same & real)[:, None, None]
+
+
+def _probabilities(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(d)) as `[B, Hkv, R, T, S]` in q's dtype; fully masked rows are exactly zero."""
+    batch, length, num_q, width = q.shape
+    num_kv = k.shape[2]
+    grouped = q.reshape(batch, length, num_kv, num_q // num_kv, width)
+    logits = jnp.einsum("btgrd,bsgd->bgrts", grouped, k) / jnp.sqrt(width).astype(q.dtype)
+    logits = jnp.where(mask, logits.astype(jnp.float32), _MASKED)
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jnp.where(mask.any(axis=-1, keepdims=True), probs, 0.0)
+    return probs.astype(q.dtype)
+
+
+def _weighted_values(probs: jax.Array, v: jax.Array) -> jax.Array:
+    """`[B, Hkv, R, T, S] x [B, S, Hkv, dv] -> [B, T, Hkv * R, dv]`."""
+    out = jnp.einsum("bgrts,bsgd->btgrd", probs, v)
+    batch, length, num_kv, rep, width = out.shape
+    return out.reshape(batch, length, num_kv * rep, width)
+
+
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None
+) -> jax.Array:
+    """Causal softmax attention `[B, T, Hq, d] -> [B, T, Hq, dv]` (standard baseline and V2)."""
+    mask = _mask(segment_ids, q.shape[1])
+    return _weighted_values(_probabilities(q, k, mask), v)
+
+
+def diff_attention(
+    q1: jax.Array,
+    q2: jax.Array,
+    k1: jax.Array,
+    k2: jax.Array,
+    v: jax.Array,
+    lam: jax.Array,
+    segment_ids: jax.Array | None = None,
+) -> jax.Array:
+    """Differential attention core `(A1 V) - lam (A2 V)`: `[B, T, H, d] ... -> [B, T, H, 2d]`.
+
+    `v` is `[B, T, Hkv, 2d]`; `lam` is a scalar in the activation dtype. The two branch outputs are
+    formed separately and combined in the activation dtype, exactly as Hugging Face's DiffLlama does,
+    so bfloat16 results match it bit for bit.
+    """
+    mask = _mask(segment_ids, q1.shape[1])
+    out1 = _weighted_values(_probabilities(q1, k1, mask), v)
+    out2 = _weighted_values(_probabilities(q2, k2, mask), v)
+    return out1 - lam * out2

@@ -1,0 +1,1 @@
+"""Training: optimizer, pure steps, metrics and the run loop."""
