@@ -1,8 +1,8 @@
 """Train a Differential Transformer.
 
-    python train.py                                   # configs/tiny.py on the embedded corpus
-    python train.py --config=configs/paper_830m.py    # a paper size
-    python train.py --config=configs/tiny.py:standard --config.total_steps=100 --config.model.num_layers=2
+python train.py                                   # configs/tiny.py on the embedded corpus
+python train.py --config=configs/paper_830m.py    # a paper size
+python train.py --config=configs/tiny.py:standard --config.total_steps=100 --config.model.num_layers=2
 """
 
 import sys

@@ -5,7 +5,6 @@ by a hash of each document's name, so it does not depend on iteration order or P
 """
 
 import zlib
-
 from pydoc_data.topics import topics
 
 VALIDATION_BUCKETS = 10  # one document in ten (by name hash) is held out

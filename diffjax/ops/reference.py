@@ -42,9 +42,7 @@ def _weighted_values(probs: jax.Array, v: jax.Array) -> jax.Array:
     return out.reshape(batch, length, num_kv * rep, width)
 
 
-def attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None
-) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
     """Causal softmax attention `[B, T, Hq, d] -> [B, T, Hq, dv]` (standard baseline and V2)."""
     mask = _mask(segment_ids, q.shape[1])
     return _weighted_values(_probabilities(q, k, mask), v)

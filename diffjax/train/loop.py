@@ -6,7 +6,6 @@ from pathlib import Path
 
 import jax
 import ml_collections
-import numpy as np
 from flax import nnx
 from tqdm import tqdm
 

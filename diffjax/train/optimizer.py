@@ -25,9 +25,7 @@ def _parameter_name(path: tuple) -> str:
 
 def weight_decay_mask(params):
     """True for projection kernels and embeddings; norm gains and lambda vectors are not decayed."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: _parameter_name(path) in ("kernel", "embedding"), params
-    )
+    return jax.tree_util.tree_map_with_path(lambda path, _: _parameter_name(path) in ("kernel", "embedding"), params)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:

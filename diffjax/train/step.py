@@ -41,9 +41,7 @@ def train_step(
     return TrainState(state.step + 1, params, opt_state), metrics
 
 
-def eval_step(
-    params: nnx.State, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef
-) -> tuple[jax.Array, jax.Array]:
+def eval_step(params: nnx.State, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef) -> tuple[jax.Array, jax.Array]:
     """Summed loss and token count, so a split's mean is exact however it is batched."""
     loss, count = loss_and_count(params, graphdef, batch)
     return loss * count, count
