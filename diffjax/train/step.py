@@ -37,7 +37,7 @@ def train_step(
     (loss, count), grads = jax.value_and_grad(loss_and_count, has_aux=True)(state.params, graphdef, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": count}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count}
     return TrainState(state.step + 1, params, opt_state), metrics
 
 

@@ -1,0 +1,25 @@
+"""Shared fixtures: configs loaded the way train.py loads them, and a tiny model config."""
+
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+import pytest
+
+from diffjax.model import ModelConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_FILES = sorted((REPO / "configs").glob("*.py"))
+
+
+def load_config(path: Path, arg: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of a config file, as `--config=path:arg` would give it."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if arg is None else module.get_config(arg)
+
+
+@pytest.fixture
+def tiny_model_config() -> ModelConfig:
+    return ModelConfig(vocab_size=64, emb_dim=32, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=64)

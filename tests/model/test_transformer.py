@@ -1,0 +1,119 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REPO, load_config
+from flax import nnx
+
+from diffjax.config import model_config
+from diffjax.model import DiffTransformer
+from diffjax.train.step import loss_and_count
+
+ATTENTION_TYPES = ["diff", "diff_v2", "standard"]
+
+
+def _batch(vocab: int, batch: int = 2, length: int = 12) -> dict[str, jax.Array]:
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, vocab, size=(batch, length + 1))
+    segments = np.ones((batch, length), np.int32)
+    segments[:, length // 2 :] = 2
+    positions = np.concatenate([np.arange(length // 2), np.arange(length - length // 2)])
+    return {
+        "inputs": jnp.asarray(tokens[:, :-1]),
+        "targets": jnp.asarray(tokens[:, 1:]),
+        "segment_ids": jnp.asarray(segments),
+        "positions": jnp.asarray(np.broadcast_to(positions, (batch, length))),
+        "loss_mask": jnp.ones((batch, length)),
+    }
+
+
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_gradients_reach_every_parameter(tiny_model_config, attention_type, tie_embeddings):
+    cfg = dataclasses.replace(tiny_model_config, attention_type=attention_type, tie_embeddings=tie_embeddings)
+    graphdef, params = nnx.split(DiffTransformer(cfg, rngs=nnx.Rngs(0)))
+    grads = jax.jit(jax.grad(lambda p: loss_and_count(p, graphdef, _batch(cfg.vocab_size))[0]))(params)
+    flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+    names = {jax.tree_util.keystr(path) for path, _ in flat}
+    if attention_type == "diff":
+        assert {n for n in names if "lambda_" in n} and len([n for n in names if "lambda_" in n]) == 4
+    for path, grad in flat:
+        grad = np.asarray(grad)
+        assert np.all(np.isfinite(grad)), jax.tree_util.keystr(path)
+        # Stacked over layers: every layer's slice must receive gradient.
+        per_layer = np.abs(grad).reshape(grad.shape[0], -1).max(axis=1) if "blocks" in str(path) else [grad.max()]
+        assert np.all(np.asarray(per_layer) > 0), jax.tree_util.keystr(path)
+
+
+PAPER_SIZES = {"paper_830m": 830e6, "paper_1_4b": 1.4e9, "paper_2_8b": 2.8e9, "paper_6_8b": 6.8e9, "paper_13b": 13.1e9}
+
+
+def _count_parameters(config_name: str, attention_type: str = "diff") -> int:
+    cfg = model_config(load_config(REPO / "configs" / f"{config_name}.py", attention_type))
+    abstract = nnx.eval_shape(lambda: DiffTransformer(cfg, rngs=nnx.Rngs(0)))
+    return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+
+@pytest.mark.parametrize("name", PAPER_SIZES)
+def test_paper_parameter_counts_match_their_names(name):
+    count = _count_parameters(name)
+    assert abs(count - PAPER_SIZES[name]) / PAPER_SIZES[name] < 0.03, count
+    # The matched baseline has the same count up to the lambda vectors and per-head norm gains.
+    assert abs(_count_parameters(name, "standard") - count) / count < 1e-4
+
+
+def test_paper_3b_follows_table_9_literally():
+    # 28 x (4 E^2 + 3 E 8192) + 100,288 E with E = 3072, plus norm and lambda vectors.
+    count = _count_parameters("paper_3b")
+    assert 3.47e9 < count < 3.49e9, count
+
+
+def test_scanned_stack_does_not_grow_the_program_with_depth(tiny_model_config):
+    def program_size(num_layers: int) -> int:
+        cfg = dataclasses.replace(tiny_model_config, num_layers=num_layers)
+        graphdef, params = nnx.split(DiffTransformer(cfg, rngs=nnx.Rngs(0)))
+        jaxpr = jax.make_jaxpr(lambda p: loss_and_count(p, graphdef, _batch(cfg.vocab_size))[0])(params)
+        return len(str(jaxpr))
+
+    assert program_size(2) == program_size(8)
+
+
+@pytest.mark.parametrize("policy", ["minimal", "full"])
+def test_remat_policies_do_not_change_the_math(tiny_model_config, policy):
+    def loss_and_grads(cfg):
+        graphdef, params = nnx.split(DiffTransformer(cfg, rngs=nnx.Rngs(0)))
+        return jax.jit(jax.value_and_grad(lambda p: loss_and_count(p, graphdef, _batch(cfg.vocab_size))[0]))(params)
+
+    expected = loss_and_grads(tiny_model_config)
+    actual = loss_and_grads(dataclasses.replace(tiny_model_config, remat_policy=policy))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), actual, expected)
+
+
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+def test_packed_documents_equal_documents_run_alone(tiny_model_config, attention_type):
+    """Logits of each document in a packed row equal those of the document alone at positions 0..n-1."""
+    cfg = dataclasses.replace(tiny_model_config, attention_type=attention_type)
+    graphdef, params = nnx.split(DiffTransformer(cfg, rngs=nnx.Rngs(1)))
+    run = jax.jit(lambda params, *inputs: nnx.merge(graphdef, params)(*inputs))
+    rng = np.random.default_rng(3)
+    lengths = [5, 7, 4]
+    documents = [rng.integers(0, cfg.vocab_size, size=n) for n in lengths]
+    packed = jnp.asarray(np.concatenate(documents))[None]
+    segment_ids = jnp.asarray(np.repeat(np.arange(1, 4), lengths))[None]
+    positions = jnp.asarray(np.concatenate([np.arange(n) for n in lengths]))[None]
+    packed_logits = np.asarray(run(params, packed, positions, segment_ids))[0]
+    start = 0
+    for document in documents:
+        alone = np.asarray(run(params, jnp.asarray(document)[None]))[0]
+        np.testing.assert_allclose(packed_logits[start : start + len(document)], alone, rtol=1e-5, atol=1e-5)
+        start += len(document)
+
+
+def test_bfloat16_compute_keeps_float32_parameters(tiny_model_config):
+    cfg = dataclasses.replace(tiny_model_config, dtype=jnp.bfloat16)
+    model = DiffTransformer(cfg, rngs=nnx.Rngs(0))
+    logits = model(jnp.zeros((1, 8), jnp.int32))
+    assert logits.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(logits, np.float32)))
+    assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.float32)}

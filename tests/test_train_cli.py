@@ -1,0 +1,42 @@
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_train_cli_trains_evaluates_logs_and_samples(tmp_path):
+    workdir = tmp_path / "run"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--config=configs/tiny.py:diff",
+            f"--config.workdir={workdir}",
+            "--config.total_steps=30",
+            "--config.warmup_steps=5",
+            "--config.batch_size=8",
+            "--config.seq_len=64",
+            "--config.log_every_steps=10",
+            "--config.eval_every_steps=20",
+            "--config.eval_batches=2",
+            "--config.sample_tokens=16",
+            "--config.model.num_layers=2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [10, 20, 30]
+    for record in records:
+        assert {"step", "loss", "learning_rate", "tokens_per_s", "grad_norm"} <= record.keys()
+        assert record["tokens_per_s"] > 0 and record["learning_rate"] > 0
+    evals = [json.loads(line) for line in (workdir / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 20, 30]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 1.0
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((workdir / "config.json").read_text())["total_steps"] == 30
+    assert "validation loss" in result.stdout and "sample: 'The " in result.stdout
