@@ -176,8 +176,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("adam_b1", "adam_b2"):
         if not 0 <= config[key] < 1:
             _fail(f"{key}={config[key]} must lie in [0, 1)")
-    if config.weight_decay < 0 or config.grad_clip_norm <= 0:
-        _fail("weight_decay must be >= 0 and grad_clip_norm > 0")
+    if config.weight_decay < 0:
+        _fail(f"weight_decay={config.weight_decay} must be >= 0")
+    if config.grad_clip_norm <= 0:
+        _fail(f"grad_clip_norm={config.grad_clip_norm} must be positive")
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:

@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 from tqdm import tqdm
@@ -48,7 +49,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, float]:
 
     optimizer = make_optimizer(config)
     schedule = learning_rate_schedule(config)
-    state = TrainState(jax.numpy.zeros((), jax.numpy.int32), params, optimizer.init(params))
+    state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
     step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, optimizer=optimizer), donate_argnums=0)
     eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef))
     writer = MetricsWriter(workdir)

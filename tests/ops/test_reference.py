@@ -40,9 +40,7 @@ def test_grouped_queries_read_their_own_kv_head(kv_heads):
     q1, q2, k1, k2, v = _inputs(kv_heads=kv_heads)
     rep = q1.shape[2] // kv_heads
     grouped = diff_attention(q1, q2, k1, k2, v, jnp.float32(0.3))
-    repeated = diff_attention(
-        q1, q2, *(jnp.repeat(x, rep, axis=2) for x in (k1, k2, v)), jnp.float32(0.3)
-    )
+    repeated = diff_attention(q1, q2, *(jnp.repeat(x, rep, axis=2) for x in (k1, k2, v)), jnp.float32(0.3))
     np.testing.assert_allclose(grouped, repeated, rtol=1e-6, atol=1e-6)
 
 

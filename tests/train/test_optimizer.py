@@ -22,9 +22,8 @@ def test_schedule_warms_up_then_decays_to_the_end_value(schedule):
 
 def test_weight_decay_skips_norm_gains_and_lambda_vectors(tiny_model_config):
     params = nnx.state(DiffTransformer(tiny_model_config, rngs=nnx.Rngs(0)), nnx.Param)
-    decayed = {
-        jax.tree_util.keystr(path): flag for path, flag in jax.tree_util.tree_flatten_with_path(weight_decay_mask(params))[0]
-    }
+    flat_mask = jax.tree_util.tree_flatten_with_path(weight_decay_mask(params))[0]
+    decayed = {jax.tree_util.keystr(path): flag for path, flag in flat_mask}
     assert decayed and all(flag == ("kernel" in name or "embedding" in name) for name, flag in decayed.items())
     assert any("lambda_q1" in name for name in decayed) and any("scale" in name for name in decayed)
 
@@ -34,9 +33,5 @@ def test_weight_decay_skips_norm_gains_and_lambda_vectors(tiny_model_config):
     optimizer = make_optimizer(config)
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = optimizer.update(zeros, optimizer.init(params), params)
-    for (path, update), (_, flag) in zip(
-        jax.tree_util.tree_flatten_with_path(updates)[0],
-        jax.tree_util.tree_flatten_with_path(weight_decay_mask(params))[0],
-        strict=True,
-    ):
+    for (path, update), (_, flag) in zip(jax.tree_util.tree_flatten_with_path(updates)[0], flat_mask, strict=True):
         assert bool(np.any(np.asarray(update) != 0)) == flag, jax.tree_util.keystr(path)
