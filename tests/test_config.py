@@ -59,7 +59,9 @@ def test_bad_values_are_rejected_with_one_line(overrides, message):
         ("--config.seq_len=0", "seq_len=0 must be a positive integer"),
         ("--config.no_such_key=1", "no_such_key"),
         ("--config.seq_len=abc", "seq_len"),
-        ("--config=configs/missing.py", "missing.py"),
+        ("--config=configs/missing.py", "config file configs/missing.py not found"),
+        ("--config.seq_len=500000", "seq_len=500000 is longer than the corpus split"),
+        ("--config=configs/paper_830m.py", "cannot fill one batch of 128 x 2048"),
     ],
 )
 def test_train_cli_rejects_bad_input_with_exit_code_2(tmp_path, flag, expected):

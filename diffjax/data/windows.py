@@ -7,6 +7,7 @@ target that belongs to the next document.
 
 import numpy as np
 
+from diffjax.config import ConfigError
 from diffjax.data.tokenizer import ByteTokenizer
 
 Batch = dict[str, np.ndarray]
@@ -18,7 +19,7 @@ class DocumentStream:
     def __init__(self, documents: list[str], tokenizer: ByteTokenizer):
         pieces = [np.concatenate([[tokenizer.bos_id], tokenizer.encode(d), [tokenizer.eos_id]]) for d in documents]
         if not pieces:
-            raise ValueError("the corpus has no documents")
+            raise ConfigError("the corpus has no documents")
         self.tokens = np.concatenate(pieces).astype(np.int32)
         self.document = np.repeat(np.arange(len(pieces), dtype=np.int32), [len(p) for p in pieces])
         self.position = np.concatenate([np.arange(len(p), dtype=np.int32) for p in pieces])
@@ -26,10 +27,12 @@ class DocumentStream:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def check_window(self, seq_len: int) -> None:
+        if len(self) < seq_len + 1:
+            raise ConfigError(f"seq_len={seq_len} is longer than the corpus split ({len(self)} tokens); lower seq_len")
+
     def windows(self, starts: np.ndarray, seq_len: int) -> Batch:
         """Model inputs for windows of `seq_len + 1` tokens beginning at `starts`."""
-        if len(self) < seq_len + 1:
-            raise ValueError(f"seq_len={seq_len} is longer than the whole corpus split ({len(self)} tokens)")
         index = starts[:, None] + np.arange(seq_len + 1)
         document = self.document[index]
         return {
@@ -49,8 +52,9 @@ class DocumentStream:
         """Up to `num_batches` batches of consecutive, non-overlapping windows (for validation)."""
         count = min(num_batches * batch_size, (len(self) - 1) // seq_len) // batch_size
         if count == 0:
-            raise ValueError(
-                f"the validation split ({len(self)} tokens) cannot fill one batch of {batch_size} x {seq_len}"
+            raise ConfigError(
+                f"the validation split ({len(self)} tokens) cannot fill one batch of {batch_size} x {seq_len}; "
+                "lower batch_size or seq_len"
             )
         starts = np.arange(count * batch_size) * seq_len
         return [self.windows(chunk, seq_len) for chunk in starts.reshape(count, batch_size)]

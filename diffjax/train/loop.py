@@ -31,16 +31,16 @@ def evaluate(step_fn, params: nnx.State, batches: list[Batch]) -> float:
 def run(config: ml_collections.ConfigDict) -> dict[str, float]:
     """Train `config`; returns the first and last validation losses."""
     validate(config)
-    workdir = Path(config.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    log = print if jax.process_index() == 0 else (lambda *_: None)
-
     tokenizer = ByteTokenizer()
     train_data = DocumentStream(python_docs("train"), tokenizer)
+    train_data.check_window(config.seq_len)
     eval_batches = DocumentStream(python_docs("validation"), tokenizer).fixed_batches(
         config.eval_batches, config.batch_size, config.seq_len
     )
+    workdir = Path(config.workdir)  # created only once the config and data are known to work
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    log = print if jax.process_index() == 0 else (lambda *_: None)
 
     model = DiffTransformer(model_config(config), rngs=nnx.Rngs(config.seed))
     graphdef, params = nnx.split(model)

@@ -12,6 +12,7 @@ class MetricsWriter:
 
     def __init__(self, workdir: Path):
         self.enabled = jax.process_index() == 0
+        self.started: set[str] = set()  # files already begun by this run (a fresh run replaces old ones)
         if self.enabled:
             self.workdir = workdir
             self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
@@ -19,8 +20,9 @@ class MetricsWriter:
     def write(self, name: str, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        with open(self.workdir / f"{name}.jsonl", "a") as f:
+        with open(self.workdir / f"{name}.jsonl", "a" if name in self.started else "w") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
+        self.started.add(name)
         for key, value in values.items():
             self.tensorboard.add_scalar(f"{name}/{key}", value, step)
 

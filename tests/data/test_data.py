@@ -3,6 +3,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from diffjax.config import ConfigError
 from diffjax.data.corpus import python_docs
 from diffjax.data.tokenizer import ByteTokenizer
 from diffjax.data.windows import DocumentStream
@@ -54,5 +55,5 @@ def test_validation_batches_do_not_overlap_and_report_a_short_split():
     batches = stream.fixed_batches(num_batches=2, batch_size=3, seq_len=16)
     inputs = np.concatenate([b["inputs"] for b in batches])
     np.testing.assert_array_equal(inputs.reshape(-1), stream.tokens[: inputs.size])
-    with pytest.raises(ValueError, match="cannot fill one batch"):
+    with pytest.raises(ConfigError, match="cannot fill one batch"):
         DocumentStream(["tiny"], ByteTokenizer()).fixed_batches(1, 2, 4)
