@@ -10,6 +10,7 @@ import math
 import jax.numpy as jnp
 import ml_collections
 
+from diffjax.cli import UsageError
 from diffjax.data.tokenizer import ByteTokenizer
 from diffjax.model.attention import ATTENTION_TYPES
 from diffjax.model.model_config import ModelConfig
@@ -20,7 +21,7 @@ LR_SCHEDULES = ("cosine", "linear")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A config value that cannot work; the message is one line and says how to fix it."""
 
 

@@ -1,0 +1,62 @@
+"""What every diffjax command line shares: the `--config` flag and one-line errors with exit code 2."""
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+# What config_flags raises for an unknown key, a value of the wrong type or a broken config file.
+FLAG_ERRORS = (flags.Error, ValueError, AttributeError, KeyError, TypeError, OSError)
+
+
+class UsageError(ValueError):
+    """Bad input from the user: reported as one line, exit code 2, never a traceback."""
+
+
+def fail(program: str, error: BaseException | str) -> None:
+    if isinstance(error, AttributeError | KeyError):  # config_flags' word for a key the config lacks
+        error = f"unknown config key {str(error).strip(chr(34))}; the config file lists every key"
+    lines = str(error).strip().splitlines()
+    print(f"{program}: error: {lines[0] if lines else type(error).__name__}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _check_config_path(program: str, argv: list[str]) -> None:
+    """Name a missing config file plainly (config_flags only reports a failed import)."""
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg in ("--config", "-config") and i + 1 < len(argv) else None
+        if arg.startswith(("--config=", "-config=")):
+            value = arg.split("=", 1)[1]
+        if value is not None and not Path(value.split(":", 1)[0]).is_file():
+            fail(program, f"config file {value.split(':', 1)[0]} not found; pass --config=configs/<name>.py")
+
+
+def run_main(program: str, main: Callable[[list[str]], None], default_config: Path | None = None) -> None:
+    """Define `--config`, parse flags and run `main`, turning bad input anywhere into `program: error: ...`.
+
+    `main` raises `UsageError` (or a subclass, such as `ConfigError`) for input it rejects.
+    """
+    _check_config_path(program, sys.argv)
+    try:  # config_flags reads the overrides in sys.argv as soon as the flag is defined
+        config_flags.DEFINE_config_file(
+            "config", str(default_config) if default_config else None, "Config file, as path[:attention_type]."
+        )
+    except FLAG_ERRORS as error:
+        fail(program, error)
+
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            return flags.FLAGS(argv)
+        except FLAG_ERRORS as error:
+            fail(program, error)
+
+    def guarded_main(argv: list[str]) -> None:
+        logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing out of the output
+        try:
+            main(argv)
+        except UsageError as error:
+            fail(program, error)
+
+    app.run(guarded_main, flags_parser=parse)
