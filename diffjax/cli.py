@@ -53,7 +53,7 @@ def run_main(program: str, main: Callable[[list[str]], None], default_config: Pa
             fail(program, error)
 
     def guarded_main(argv: list[str]) -> None:
-        logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing out of the output
+        logging.set_verbosity(logging.ERROR)  # keep JAX backend probing and TFDS chatter out of the output
         try:
             main(argv)
         except UsageError as error:

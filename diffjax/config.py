@@ -19,6 +19,8 @@ from diffjax.model.transformer import REMAT_POLICIES
 PAPER_VOCAB_SIZE = 100_288
 LR_SCHEDULES = ("cosine", "linear")
 DTYPES = ("float32", "bfloat16", "float16")
+PACKINGS = ("concat", "first_fit")
+PREFETCH = ("threads", "processes", "none")
 
 
 class ConfigError(UsageError):
@@ -47,6 +49,33 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval_batches = 8
     config.sample_prompt = "The "
     config.sample_tokens = 96
+    config.data = ml_collections.ConfigDict(
+        dict(
+            source="diffjax_corpus",  # or text_files, needles, or any TFDS dataset name (lm1b, c4/en, ...)
+            mixture="",  # "name=weight,name=weight" over sources; overrides `source` when set
+            data_dir="~/tensorflow_datasets",
+            files="",  # text_files: comma-separated paths or globs of .txt, .md, .jsonl
+            validation_fraction=0.1,  # text_files: share of documents held out
+            text_field="text",  # the feature holding the text, for TFDS datasets
+            validation_split="validation",  # for TFDS datasets whose held-out split has another name
+            tokenizer="byte",  # or the path of a SentencePiece model
+            packing="concat",  # concat (concatenate and split) or first_fit
+            num_epochs=0,  # 0: repeat forever
+            prefetch="threads",  # threads, processes or none
+            num_workers=2,
+            needles=ml_collections.ConfigDict(
+                dict(
+                    context_length=4096,  # bytes of text per document
+                    num_needles=4,
+                    num_queries=2,
+                    depth=0.5,  # where the needles start, as a fraction of the haystack
+                    num_train=2048,
+                    num_validation=128,
+                    seed=0,
+                )
+            ),
+        )
+    )
     config.model = ml_collections.ConfigDict(
         dict(
             vocab_size=ByteTokenizer.vocab_size,
@@ -156,11 +185,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"model.num_heads={model.num_heads} is not divisible by model.num_kv_heads={model.num_kv_heads}; "
             "use a divisor of num_heads for num_kv_heads"
         )
-    if model.vocab_size < ByteTokenizer.vocab_size:
-        _fail(
-            f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's {ByteTokenizer.vocab_size} ids; "
-            f"set it to at least {ByteTokenizer.vocab_size}"
-        )
     for key in ("dtype", "param_dtype"):
         if model[key] not in DTYPES:
             _fail(f"model.{key}={model[key]!r} is unknown; choose one of {list(DTYPES)}")
@@ -172,6 +196,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail(f"end_learning_rate={config.end_learning_rate} must lie in [0, learning_rate={config.learning_rate}]")
     if config.lr_schedule not in LR_SCHEDULES:
         _fail(f"lr_schedule={config.lr_schedule!r} is unknown; choose one of {list(LR_SCHEDULES)}")
+    if config.seq_len < 2:
+        _fail(f"seq_len={config.seq_len} is smaller than 2; a packed row needs at least two tokens")
+    _validate_data(config.data)
     if config.warmup_steps > config.total_steps:
         _fail(f"warmup_steps={config.warmup_steps} exceeds total_steps={config.total_steps}")
     for key in ("adam_b1", "adam_b2"):
@@ -181,6 +208,47 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail(f"weight_decay={config.weight_decay} must be >= 0")
     if config.grad_clip_norm <= 0:
         _fail(f"grad_clip_norm={config.grad_clip_norm} must be positive")
+
+
+def _validate_data(data: ml_collections.ConfigDict) -> None:
+    parse_mixture(data)
+    if data.packing not in PACKINGS:
+        _fail(f"data.packing={data.packing!r} is unknown; choose one of {list(PACKINGS)}")
+    if data.prefetch not in PREFETCH:
+        _fail(f"data.prefetch={data.prefetch!r} is unknown; choose one of {list(PREFETCH)}")
+    for key in ("num_workers", "num_epochs"):
+        if data[key] < 0:
+            _fail(f"data.{key}={data[key]} must be >= 0")
+    if not 0 <= data.validation_fraction < 1:
+        _fail(f"data.validation_fraction={data.validation_fraction} must lie in [0, 1)")
+
+
+def parse_mixture(data: ml_collections.ConfigDict) -> list[tuple[str, float]]:
+    """`[(source, weight)]` with positive weights, from `data.mixture` ("name=weight,...") or `data.source`."""
+    if not data.mixture.strip():
+        if not data.source.strip():
+            _fail("data.source is empty; name a source such as diffjax_corpus, text_files, needles or a TFDS dataset")
+        return [(data.source.strip(), 1.0)]
+    parts = []
+    for item in (part.strip() for part in data.mixture.split(",") if part.strip()):
+        name, _, weight = item.partition("=")
+        try:
+            parts.append((name.strip(), float(weight)))
+        except ValueError:
+            _fail(f"data.mixture: {item!r} is not name=weight (e.g. diffjax_corpus=0.9,needles=0.1)")
+    total = sum(weight for _, weight in parts)
+    if any(not math.isfinite(w) or w < 0 for _, w in parts) or not total > 0:
+        _fail(f"data.mixture={data.mixture!r}: weights must be >= 0 and sum to a positive number")
+    return [(name, weight / total) for name, weight in parts if weight > 0]
+
+
+def check_tokenizer(config: ml_collections.ConfigDict, tokenizer) -> None:
+    """The model's embedding must cover every id the tokenizer emits (larger is fine: padded vocab)."""
+    if config.model.vocab_size < tokenizer.vocab_size:
+        _fail(
+            f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} ids "
+            f"(data.tokenizer={config.data.tokenizer!r}); set model.vocab_size to at least {tokenizer.vocab_size}"
+        )
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:

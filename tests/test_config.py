@@ -27,7 +27,11 @@ BAD_VALUES = [
     ({"seq_len": 0}, r"seq_len=0 must be a positive integer"),
     ({"seq_len": -5}, r"seq_len=-5 must be a positive integer"),
     ({"model.emb_dim": 12, "model.num_heads": 2}, r"head width .*=3 is odd"),
-    ({"model.vocab_size": 100}, r"model\.vocab_size=100 is smaller than the tokenizer's 259 ids"),
+    ({"seq_len": 1}, r"seq_len=1 is smaller than 2"),
+    ({"data.mixture": "diffjax_corpus=0,needles=0"}, r"weights must be >= 0 and sum to a positive number"),
+    ({"data.mixture": "diffjax_corpus=-1,needles=2"}, r"weights must be >= 0 and sum to a positive number"),
+    ({"data.mixture": "diffjax_corpus"}, r"'diffjax_corpus' is not name=weight"),
+    ({"data.packing": "greedy"}, r"data\.packing='greedy' is unknown"),
     ({"model.dtype": "float8"}, r"model\.dtype='float8' is unknown"),
     ({"model.remat_policy": "some"}, r"model\.remat_policy='some' is unknown"),
     ({"learning_rate": 0.0}, r"learning_rate=0\.0 must be a positive number"),
@@ -60,14 +64,16 @@ def test_bad_values_are_rejected_with_one_line(overrides, message):
         ("--config.no_such_key=1", "no_such_key"),
         ("--config.seq_len=abc", "seq_len"),
         ("--config=configs/missing.py", "config file configs/missing.py not found"),
-        ("--config.seq_len=500000", "seq_len=500000 is longer than the corpus split"),
-        ("--config=configs/paper_830m.py", "cannot fill one batch of 128 x 2048"),
+        ("--config.model.vocab_size=100", "model.vocab_size=100 is smaller than the tokenizer's 259 ids"),
+        ("--config.data.source=no_such_dataset", "data.source='no_such_dataset' is unknown"),
+        ("--config.data.source=lm1b", "data.source='lm1b' is not prepared in"),
+        ("--config.data.tokenizer=missing.model", "missing.model not found"),
     ],
 )
 def test_train_cli_rejects_bad_input_with_exit_code_2(tmp_path, flag, expected):
     workdir = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "train.py", flag, f"--config.workdir={workdir}"],
+        [sys.executable, "train.py", flag, f"--config.workdir={workdir}", f"--config.data.data_dir={tmp_path}"],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -13,6 +13,7 @@ def test_train_cli_trains_evaluates_logs_and_samples(tmp_path):
             "train.py",
             "--config=configs/tiny.py:diff",
             f"--config.workdir={workdir}",
+            f"--config.data.data_dir={tmp_path / 'data'}",
             "--config.total_steps=30",
             "--config.warmup_steps=5",
             "--config.batch_size=8",

@@ -14,9 +14,14 @@ def _is_validation(name: str) -> bool:
     return zlib.crc32(name.encode("utf-8")) % VALIDATION_BUCKETS == 0
 
 
-def python_docs(split: str) -> list[str]:
-    """Documents of `split` ('train' or 'validation'), sorted by name."""
+def python_doc_items(split: str) -> list[tuple[str, str]]:
+    """(name, text) of the documents of `split` ('train' or 'validation'), sorted by name."""
     if split not in ("train", "validation"):
         raise ValueError(f"split={split!r} is unknown; choose 'train' or 'validation'")
     held_out = split == "validation"
-    return [topics[name] for name in sorted(topics) if _is_validation(name) == held_out]
+    return [(name, topics[name]) for name in sorted(topics) if _is_validation(name) == held_out]
+
+
+def python_docs(split: str) -> list[str]:
+    """Texts of the documents of `split`, sorted by name."""
+    return [text for _, text in python_doc_items(split)]

@@ -10,10 +10,9 @@ import ml_collections
 from flax import nnx
 from tqdm import tqdm
 
-from diffjax.config import model_config, validate
-from diffjax.data.corpus import python_docs
-from diffjax.data.tokenizer import ByteTokenizer
-from diffjax.data.windows import Batch, DocumentStream
+from diffjax.config import check_tokenizer, model_config, validate
+from diffjax.data.pipeline import Batch, eval_batches, make_dataset
+from diffjax.data.tokenizer import load_tokenizer
 from diffjax.evaluate.generate import greedy_generate
 from diffjax.model import DiffTransformer
 from diffjax.train.metrics import MetricsWriter
@@ -31,12 +30,10 @@ def evaluate(step_fn, params: nnx.State, batches: list[Batch]) -> float:
 def run(config: ml_collections.ConfigDict) -> dict[str, float]:
     """Train `config`; returns the first and last validation losses."""
     validate(config)
-    tokenizer = ByteTokenizer()
-    train_data = DocumentStream(python_docs("train"), tokenizer)
-    train_data.check_window(config.seq_len)
-    eval_batches = DocumentStream(python_docs("validation"), tokenizer).fixed_batches(
-        config.eval_batches, config.batch_size, config.seq_len
-    )
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    check_tokenizer(config, tokenizer)
+    validation = eval_batches(config, tokenizer)  # builds the dataset on first use; fails before the workdir
+    train_batches = iter(make_dataset(config, tokenizer, "train"))
     workdir = Path(config.workdir)  # created only once the config and data are known to work
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -55,7 +52,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, float]:
     writer = MetricsWriter(workdir)
 
     def run_eval(step: int) -> float:
-        loss = evaluate(eval_fn, state.params, eval_batches)
+        loss = evaluate(eval_fn, state.params, validation)
         writer.write("eval", step, {"eval_loss": loss})
         log(f"step {step}: validation loss {loss:.4f}")
         return loss
@@ -77,7 +74,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, float]:
 
     pending = None  # a logged step's metrics, read only once the next step is dispatched
     for step in range(1, config.total_steps + 1):
-        batch = train_data.random_batch(config.seed, step - 1, config.batch_size, config.seq_len)
+        batch = next(train_batches)
         state, metrics = step_fn(state, batch)
         if pending is not None:
             flush(*pending)
@@ -97,6 +94,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, float]:
     if pending is not None:
         flush(*pending)
     bar.close()
+    train_batches.close()
 
     last_eval = run_eval(config.total_steps)
     log(f"validation loss {first_eval:.4f} at step 0 -> {last_eval:.4f} at step {config.total_steps}")

@@ -9,7 +9,6 @@ from flax import nnx
 from diffjax.config import model_config
 from diffjax.data.corpus import python_docs
 from diffjax.data.tokenizer import ByteTokenizer
-from diffjax.data.windows import DocumentStream
 from diffjax.model import DiffTransformer
 from diffjax.train.optimizer import make_optimizer
 from diffjax.train.step import TrainState, eval_step, loss_and_count, train_step
@@ -24,7 +23,15 @@ def _tiny_config():
 
 def test_a_tiny_model_overfits_a_fixed_batch():
     config = _tiny_config()
-    batch = DocumentStream(python_docs("train"), ByteTokenizer()).random_batch(0, 0, config.batch_size, config.seq_len)
+    rows, length = config.batch_size, config.seq_len
+    tokens = ByteTokenizer().encode(python_docs("train")[0])[: rows * (length + 1)].reshape(rows, length + 1)
+    batch = {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "segment_ids": np.ones((rows, length), np.int32),
+        "positions": np.broadcast_to(np.arange(length), (rows, length)),
+        "loss_mask": np.ones((rows, length), np.float32),
+    }
     graphdef, params = nnx.split(DiffTransformer(model_config(config), rngs=nnx.Rngs(0)))
     optimizer = make_optimizer(config)
     step = jax.jit(functools.partial(train_step, graphdef=graphdef, optimizer=optimizer))

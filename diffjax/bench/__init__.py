@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m diffjax.bench <name> --config=...`; figures go to docs/benchmarks.md."""

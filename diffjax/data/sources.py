@@ -1,0 +1,72 @@
+"""Text sources by name: our own TFDS builders (built on first use) or any dataset prepared in the data dir.
+
+Every source is read through `tfds` array_record data sources (no TensorFlow) and handed on as a grain
+`MapDataset` of `str` documents.
+"""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grain
+import ml_collections
+import tensorflow_datasets as tfds
+
+from diffjax.config import ConfigError, parse_mixture
+from diffjax.data import builders
+
+OWN_SOURCES = ("diffjax_corpus", "text_files", "needles")
+
+
+def _builder(name: str, data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    data_dir = str(Path(data.data_dir).expanduser())
+    if name == "diffjax_corpus":
+        return builders.corpus_builder(data_dir)
+    if name == "text_files":
+        return builders.text_files_builder(data.files, data.validation_fraction, data.text_field, data_dir)
+    if name == "needles":
+        return builders.needles_builder(data.needles.to_dict(), data_dir)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ConfigError(
+            f"data.source={name!r} is unknown: not one of {', '.join(OWN_SOURCES)} and not a TFDS dataset"
+        ) from None
+    if not builder.is_prepared():
+        raise ConfigError(
+            f"data.source={name!r} is not prepared in {data_dir}; run `tfds build {name} --data_dir={data_dir}` "
+            "once on a machine with network access"
+        )
+    return builder
+
+
+def _split_name(name: str, split: str, data: ml_collections.ConfigDict) -> str:
+    return data.validation_split if split == "validation" and name not in OWN_SOURCES else split
+
+
+def open_split(name: str, data: ml_collections.ConfigDict, split: str) -> grain.MapDataset:
+    """The documents of one source's split as a `MapDataset[str]`, building our own datasets on first use."""
+    builder = _builder(name, data)
+    if not builder.is_prepared():
+        builder.download_and_prepare()
+    split = _split_name(name, split, data)
+    if split not in builder.info.splits and name == "text_files":
+        raise ConfigError(
+            f"data.files yields no {split} documents at data.validation_fraction={data.validation_fraction}; raise it"
+        )
+    if split not in builder.info.splits:
+        raise ConfigError(f"data.source={name!r} has no {split!r} split; it has {sorted(builder.info.splits)}")
+    field = "text" if name in OWN_SOURCES else data.text_field
+    if field not in builder.info.features:
+        raise ConfigError(f"data.source={name!r} has no {field!r} feature; set data.text_field to one of its features")
+    source = builder.as_data_source(split=split)
+    return grain.MapDataset.source(source).map(lambda record: _as_text(record[field]))
+
+
+def _as_text(value: bytes | str) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def training_texts(data: ml_collections.ConfigDict) -> Iterator[str]:
+    """Every training document of the configured source(s), in order (for training a tokenizer)."""
+    for name, _ in parse_mixture(data):
+        yield from open_split(name, data, "train")
