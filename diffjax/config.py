@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import ml_collections
 
 from diffjax.cli import UsageError
-from diffjax.data.tokenizer import ByteTokenizer
 from diffjax.model.attention import ATTENTION_TYPES
 from diffjax.model.model_config import ModelConfig
 from diffjax.model.transformer import REMAT_POLICIES
@@ -60,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
             validation_split="validation",  # for TFDS datasets whose held-out split has another name
             tokenizer="byte",  # or the path of a SentencePiece model
             packing="concat",  # concat (concatenate and split) or first_fit
+            shuffle_window=1024,  # packed training rows shuffled in windows of this many (0: off)
             num_epochs=0,  # 0: repeat forever
             prefetch="threads",  # threads, processes or none
             num_workers=2,
@@ -78,7 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
     )
     config.model = ml_collections.ConfigDict(
         dict(
-            vocab_size=ByteTokenizer.vocab_size,
+            vocab_size=259,  # the byte tokenizer's 256 bytes + PAD, BOS, EOS (checked at start-up)
             emb_dim=128,
             num_layers=4,
             num_heads=2,  # differential heads H; the standard baseline uses 2H
@@ -216,7 +216,7 @@ def _validate_data(data: ml_collections.ConfigDict) -> None:
         _fail(f"data.packing={data.packing!r} is unknown; choose one of {list(PACKINGS)}")
     if data.prefetch not in PREFETCH:
         _fail(f"data.prefetch={data.prefetch!r} is unknown; choose one of {list(PREFETCH)}")
-    for key in ("num_workers", "num_epochs"):
+    for key in ("num_workers", "num_epochs", "shuffle_window"):
         if data[key] < 0:
             _fail(f"data.{key}={data[key]} must be >= 0")
     if not 0 <= data.validation_fraction < 1:

@@ -61,6 +61,8 @@ def test_bad_values_are_rejected_with_one_line(overrides, message):
     [
         ("--config.model.attention_type=linear", "model.attention_type='linear' is unknown"),
         ("--config.seq_len=0", "seq_len=0 must be a positive integer"),
+        ("--config.seq_len=1", "seq_len=1 is smaller than 2"),
+        ("--config.data.mixture=diffjax_corpus=0,needles=0", "weights must be >= 0 and sum to a positive number"),
         ("--config.no_such_key=1", "no_such_key"),
         ("--config.seq_len=abc", "seq_len"),
         ("--config=configs/missing.py", "config file configs/missing.py not found"),

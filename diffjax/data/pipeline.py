@@ -1,4 +1,5 @@
-"""The grain input pipeline: documents -> shuffle -> repeat -> host shard -> tokenize -> pack -> batch.
+"""The grain input pipeline: documents -> shuffle -> repeat -> host shard -> tokenize -> pack -> shuffle rows
+-> batch -> prefetch.
 
 For a given config the batch at step s is a pure function of (seed, s, process count), and the
 iterator's position is checkpointable with `get_state()` / `set_state()`. Packed rows carry
@@ -116,6 +117,8 @@ def make_dataset(
         )
     else:
         packed = grain.experimental.ConcatThenSplitIterDataset(pairs, length_struct=lengths)
+    if train and data.shuffle_window > 1:  # rows of one long document would otherwise fill whole batches
+        packed = grain.experimental.WindowShuffleIterDataset(packed, window_size=data.shuffle_window, seed=config.seed)
     batches = packed.map(_model_inputs).batch(batch_size, batch_fn=_stack_padded(batch_size))
     if data.prefetch == "processes" and data.num_workers > 0:
         return batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.num_workers))

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from diffjax.config import ConfigError
+
 TRAIN_COMMAND = "python -m diffjax.data.tokenizer train"
 SPACE_MARKER = "\u2581"  # SentencePiece's stand-in for a space; a literal one in the text needs byte pieces
 MAX_TRAINING_BYTES = 64_000_000  # text read for training: bounds time and memory on TFDS-sized corpora
@@ -40,29 +42,22 @@ class ByteTokenizer:
         return data.decode("utf-8", errors="replace")
 
 
-def _config_error(message: str) -> Exception:
-    """`ConfigError`, imported late: `diffjax.config` imports this module for `ByteTokenizer`."""
-    from diffjax.config import ConfigError
-
-    return ConfigError(message)
-
-
 def _read_model(path: Path) -> spm.SentencePieceProcessor:
     use = f"set data.tokenizer to a .model file written by `{TRAIN_COMMAND}`, or to 'byte'"
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise _config_error(
+        raise ConfigError(
             f"SentencePiece model {path} not found; train it with `{TRAIN_COMMAND} --out={path}`"
         ) from None
     except OSError as error:
-        raise _config_error(f"cannot read SentencePiece model {path} ({error.strerror}); {use}") from None
+        raise ConfigError(f"cannot read SentencePiece model {path} ({error.strerror}); {use}") from None
     try:  # an empty file parses as an empty model, which then logs errors on every call
         processor = spm.SentencePieceProcessor(model_proto=data) if data else None
     except RuntimeError:
         processor = None
     if processor is None or processor.vocab_size() == 0:
-        raise _config_error(f"{path} is not a SentencePiece model; {use}")
+        raise ConfigError(f"{path} is not a SentencePiece model; {use}")
     return processor
 
 
@@ -80,7 +75,7 @@ class SentencePieceTokenizer:
         self.vocab_size = self.processor.vocab_size()
         found = (self.processor.pad_id(), self.processor.bos_id(), self.processor.eos_id())
         if found != (self.pad_id, self.bos_id, self.eos_id):
-            raise _config_error(
+            raise ConfigError(
                 f"SentencePiece model {self.path} has pad/bos/eos ids {'/'.join(map(str, found))}, not 0/1/2; "
                 f"retrain it with `{TRAIN_COMMAND}`, which reserves them"
             )
@@ -156,17 +151,17 @@ def _training_error(error: RuntimeError, vocab_size: int) -> Exception:
     lines = re.sub(r"^\w+: \S+\(\d+\) \[.*?\] ?", "", str(error).strip()).splitlines()
     message = lines[0] if lines else ""
     if high := re.search(r"<= (\d+)", message):
-        return _config_error(
+        return ConfigError(
             f"vocab_size={vocab_size} is more pieces than this text supports; set it to at most {high[1]}"
         )
     if low := re.search(r"required_chars\. \d+ vs (\d+)", message):
-        return _config_error(
+        return ConfigError(
             f"vocab_size={vocab_size} leaves no room for the special ids, 256 bytes and the text's characters; "
             f"set it to at least {low[1]}"
         )
     if "sentences_.empty()" in str(error):
-        return _config_error("no training text: the configured corpus yielded no documents")
-    return _config_error(f"SentencePiece training failed: {message or type(error).__name__}")
+        return ConfigError("no training text: the configured corpus yielded no documents")
+    return ConfigError(f"SentencePiece training failed: {message or type(error).__name__}")
 
 
 def _write_atomically(data: bytes, out: Path) -> None:
@@ -176,7 +171,7 @@ def _write_atomically(data: bytes, out: Path) -> None:
         temporary.write_bytes(data)
         os.replace(temporary, out)
     except OSError as error:
-        raise _config_error(f"cannot write {out} ({error.strerror}); pass a writable --out path") from None
+        raise ConfigError(f"cannot write {out} ({error.strerror}); pass a writable --out path") from None
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -194,9 +189,9 @@ def train_sentencepiece(
     """
     out = Path(out).expanduser()
     if not isinstance(vocab_size, numbers.Integral) or vocab_size <= 0:
-        raise _config_error(f"vocab_size={vocab_size!r} must be a positive integer")
+        raise ConfigError(f"vocab_size={vocab_size!r} must be a positive integer")
     if not out.parent.is_dir():
-        raise _config_error(f"cannot write {out}: directory {out.parent} does not exist; create it first")
+        raise ConfigError(f"cannot write {out}: directory {out.parent} does not exist; create it first")
     spm.set_random_generator_seed(seed)  # drives the sampling of input sentences
     model = io.BytesIO()
     try:

@@ -25,3 +25,9 @@ def test_byte_tokenizer_round_trips_any_text(text):
     assert ids.max(initial=0) < tokenizer.vocab_size
     assert tokenizer.decode(ids) == text
     assert tokenizer.decode([tokenizer.bos_id, *ids, tokenizer.eos_id, tokenizer.pad_id]) == text
+
+
+def test_default_vocab_is_the_byte_tokenizers():
+    from diffjax.config import base_config
+
+    assert base_config().model.vocab_size == ByteTokenizer.vocab_size
