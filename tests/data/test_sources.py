@@ -1,7 +1,9 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from conftest import REPO, load_config
 
 from diffjax.config import ConfigError
@@ -100,3 +102,31 @@ def test_train_cli_reports_bad_corpora_with_exit_code_2(tmp_path, flags, message
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert not (tmp_path / "run").exists()
+
+
+class ToyText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Stands in for a dataset someone prepared with `tfds build` (lm1b, c4, ...)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        features = tfds.features.FeaturesDict(
+            {"sentence": tfds.features.Text(), "label": tfds.features.Scalar(np.int64)}
+        )
+        return tfds.core.DatasetInfo(builder=self, features=features)
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(6), "test": self._generate_examples(2)}
+
+    def _generate_examples(self, count):
+        for i in range(count):
+            yield i, {"sentence": f"sentence {i}", "label": i}
+
+
+def test_a_dataset_prepared_in_the_data_dir_is_read_by_name(tmp_path):
+    ToyText(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
+    data = _data(tmp_path, text_field="sentence", validation_split="test")
+    assert sorted(open_split("toy_text", data, "train")) == [f"sentence {i}" for i in range(6)]
+    assert sorted(open_split("toy_text", data, "validation")) == ["sentence 0", "sentence 1"]
+    with pytest.raises(ConfigError, match=r"has no 'text' feature; set data\.text_field"):
+        open_split("toy_text", _data(tmp_path), "train")
