@@ -14,6 +14,7 @@ from diffjax.cli import UsageError
 from diffjax.model.attention import ATTENTION_TYPES
 from diffjax.model.model_config import ModelConfig
 from diffjax.model.transformer import REMAT_POLICIES
+from diffjax.parallel.sharding import DEFAULT_RULES
 
 PAPER_VOCAB_SIZE = 100_288
 LR_SCHEDULES = ("cosine", "linear")
@@ -48,6 +49,19 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval_batches = 8
     config.sample_prompt = "The "
     config.sample_tokens = 96
+    config.grad_accum_steps = 1  # micro-batches per step (lax.scan), normalised by the real token count
+    config.z_loss = 0.0  # weight of log(Z)^2, as in PaLM (1e-4 there); 0: off
+    config.nan_policy = "stop"  # a non-finite loss or gradient: "stop" the run or "skip" the update
+    config.compilation_cache_dir = ""  # persistent XLA cache; "" = off
+    config.profile_start_step = -1  # jax.profiler trace of profile_steps steps from here into <workdir>/profile
+    config.profile_steps = 5
+    config.cpu_peak_tflops = 1.0  # per core-set peak used for MFU on CPU (accelerators come from a table)
+    config.aot_topology = ""  # e.g. "v5p:4x4x4": compile for that TPU slice with libtpu and exit
+    config.mesh = ml_collections.ConfigDict(dict(shape=(1, -1, 1), dcn_shape=(1, 1, 1)))  # (data, fsdp, tensor)
+    config.sharding_rules = DEFAULT_RULES
+    config.distributed = ml_collections.ConfigDict(
+        dict(coordinator="", num_processes=0, process_id=-1, timeout_s=300)  # empty: auto-detect or single host
+    )
     config.data = ml_collections.ConfigDict(
         dict(
             source="diffjax_corpus",  # or text_files, needles, or any TFDS dataset name (lm1b, c4/en, ...)
@@ -204,6 +218,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("adam_b1", "adam_b2"):
         if not 0 <= config[key] < 1:
             _fail(f"{key}={config[key]} must lie in [0, 1)")
+    if config.grad_accum_steps < 1 or config.batch_size % config.grad_accum_steps:
+        _fail(f"grad_accum_steps={config.grad_accum_steps} must be >= 1 and divide batch_size={config.batch_size}")
+    if config.nan_policy not in ("stop", "skip"):
+        _fail(f"nan_policy={config.nan_policy!r} is unknown; choose 'stop' or 'skip'")
+    if config.z_loss < 0:
+        _fail(f"z_loss={config.z_loss} must be >= 0")
     if config.weight_decay < 0:
         _fail(f"weight_decay={config.weight_decay} must be >= 0")
     if config.grad_clip_norm <= 0:

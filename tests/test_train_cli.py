@@ -41,3 +41,29 @@ def test_train_cli_trains_evaluates_logs_and_samples(tmp_path):
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert json.loads((workdir / "config.json").read_text())["total_steps"] == 30
     assert "validation loss" in result.stdout and "sample: 'The " in result.stdout
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            f"--config.workdir={tmp_path / 'run'}",
+            f"--config.data.data_dir={tmp_path / 'data'}",
+            "--config.learning_rate=1e30",
+            "--config.end_learning_rate=0",
+            "--config.warmup_steps=0",
+            "--config.grad_clip_norm=1e30",
+            "--config.total_steps=20",
+            "--config.batch_size=4",
+            "--config.seq_len=32",
+            "--config.model.num_layers=1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("train.py: error: step ") and "is not finite; the update was not applied" in last, last

@@ -13,8 +13,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffjax import ops
-from diffjax.model.layers import RMSNorm, apply_rope, dense
+from diffjax.model.layers import RMSNorm, apply_rope, dense, param
 from diffjax.model.model_config import ModelConfig
+from diffjax.parallel.sharding import constrain
 
 
 class LayerConstants(NamedTuple):
@@ -34,15 +35,16 @@ class _ProjectedAttention(nnx.Module):
         linear = functools.partial(dense, cfg, rngs=rngs)
         self.head_dim = cfg.head_dim
         self.rope_theta = cfg.rope_theta
-        self.q_proj = linear(cfg.emb_dim, num_q * cfg.head_dim)
-        self.k_proj = linear(cfg.emb_dim, num_kv * cfg.head_dim)
-        self.v_proj = linear(cfg.emb_dim, num_kv * cfg.head_dim)
+        self.q_proj = linear(cfg.emb_dim, num_q * cfg.head_dim, ("embed", "heads"))
+        self.k_proj = linear(cfg.emb_dim, num_kv * cfg.head_dim, ("embed", "kv_heads"))
+        self.v_proj = linear(cfg.emb_dim, num_kv * cfg.head_dim, ("embed", "kv_heads"))
 
     def project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         batch, length, _ = x.shape
 
         def heads(y: jax.Array) -> jax.Array:
-            return y.reshape(batch, length, -1, self.head_dim)
+            y = y.reshape(batch, length, -1, self.head_dim)
+            return constrain(y, ("act_batch", "act_length", "act_heads", None))
 
         q = apply_rope(heads(self.q_proj(x)), positions, self.rope_theta)
         k = apply_rope(heads(self.k_proj(x)), positions, self.rope_theta)
@@ -55,13 +57,14 @@ class DiffAttention(_ProjectedAttention):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         super().__init__(cfg, 2 * cfg.num_heads, 2 * cfg.num_kv_heads, rngs=rngs)
-        self.o_proj = dense(cfg, cfg.emb_dim, cfg.emb_dim, rngs=rngs)
-        init = nnx.initializers.normal(cfg.lambda_std_dev)
-        shape = (cfg.head_dim,)
-        self.lambda_q1 = nnx.Param(init(rngs.params(), shape, cfg.param_dtype))
-        self.lambda_k1 = nnx.Param(init(rngs.params(), shape, cfg.param_dtype))
-        self.lambda_q2 = nnx.Param(init(rngs.params(), shape, cfg.param_dtype))
-        self.lambda_k2 = nnx.Param(init(rngs.params(), shape, cfg.param_dtype))
+        self.o_proj = dense(cfg, cfg.emb_dim, cfg.emb_dim, ("heads", "embed"), rngs=rngs)
+
+        def lambda_vector() -> nnx.Param:
+            init = nnx.initializers.normal(cfg.lambda_std_dev)
+            return param(init(rngs.params(), (cfg.head_dim,), cfg.param_dtype), ("head_dim",))
+
+        self.lambda_q1, self.lambda_k1 = lambda_vector(), lambda_vector()
+        self.lambda_q2, self.lambda_k2 = lambda_vector(), lambda_vector()
         self.subln = RMSNorm(
             2 * cfg.head_dim, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype, affine=cfg.subln_affine
         )
@@ -96,8 +99,8 @@ class DiffAttentionV2(_ProjectedAttention):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         super().__init__(cfg, 2 * cfg.num_heads, cfg.num_kv_heads, rngs=rngs)
-        self.lambda_proj = dense(cfg, cfg.emb_dim, cfg.num_heads, rngs=rngs)
-        self.o_proj = dense(cfg, cfg.num_heads * cfg.head_dim, cfg.emb_dim, rngs=rngs)
+        self.lambda_proj = dense(cfg, cfg.emb_dim, cfg.num_heads, ("embed", None), rngs=rngs)
+        self.o_proj = dense(cfg, cfg.num_heads * cfg.head_dim, cfg.emb_dim, ("heads", "embed"), rngs=rngs)
 
     def __call__(
         self,
@@ -119,7 +122,7 @@ class StandardAttention(_ProjectedAttention):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         super().__init__(cfg, 2 * cfg.num_heads, 2 * cfg.num_kv_heads, rngs=rngs)
-        self.o_proj = dense(cfg, cfg.emb_dim, cfg.emb_dim, rngs=rngs)
+        self.o_proj = dense(cfg, cfg.emb_dim, cfg.emb_dim, ("heads", "embed"), rngs=rngs)
 
     def __call__(
         self,

@@ -7,9 +7,24 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffjax.model.model_config import ModelConfig
+from diffjax.parallel.sharding import constrain
 
 
-def dense(cfg: ModelConfig, in_features: int, out_features: int, *, rngs: nnx.Rngs) -> nnx.Linear:
+def logical(init: nnx.Initializer, axes: tuple[str | None, ...]) -> nnx.Initializer:
+    """`init` whose parameter carries logical axis names; the trainer maps them to mesh axes.
+
+    Eager sharding is off: the model never needs a mesh, and the trainer places parameters itself.
+    """
+    return nnx.with_partitioning(init, axes, eager_sharding=False)
+
+
+def param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def dense(
+    cfg: ModelConfig, in_features: int, out_features: int, axes: tuple[str | None, str | None], *, rngs: nnx.Rngs
+) -> nnx.Linear:
     """Bias-free projection with the model's dtypes and N(0, init_std) init (as Hugging Face initialises)."""
     return nnx.Linear(
         in_features,
@@ -17,7 +32,7 @@ def dense(cfg: ModelConfig, in_features: int, out_features: int, *, rngs: nnx.Rn
         use_bias=False,
         dtype=cfg.dtype,
         param_dtype=cfg.param_dtype,
-        kernel_init=nnx.initializers.normal(cfg.init_std),
+        kernel_init=logical(nnx.initializers.normal(cfg.init_std), axes),
         rngs=rngs,
     )
 
@@ -27,7 +42,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, *, eps: float, param_dtype: jnp.dtype, affine: bool = True):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype)) if affine else None
+        self.scale = param(jnp.ones((dim,), param_dtype), ("norm",)) if affine else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -59,9 +74,10 @@ class SwiGLU(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         linear = functools.partial(dense, cfg, rngs=rngs)
-        self.gate_proj = linear(cfg.emb_dim, cfg.mlp_dim)
-        self.up_proj = linear(cfg.emb_dim, cfg.mlp_dim)
-        self.down_proj = linear(cfg.mlp_dim, cfg.emb_dim)
+        self.gate_proj = linear(cfg.emb_dim, cfg.mlp_dim, ("embed", "mlp"))
+        self.up_proj = linear(cfg.emb_dim, cfg.mlp_dim, ("embed", "mlp"))
+        self.down_proj = linear(cfg.mlp_dim, cfg.emb_dim, ("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        hidden = constrain(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x), ("act_batch", "act_length", "act_mlp"))
+        return self.down_proj(hidden)

@@ -5,8 +5,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffjax.model.attention import ATTENTION_TYPES, LayerConstants
-from diffjax.model.layers import RMSNorm, SwiGLU, dense
+from diffjax.model.layers import RMSNorm, SwiGLU, dense, logical
 from diffjax.model.model_config import ModelConfig
+from diffjax.parallel.sharding import constrain
+
+LAYER_AXIS = {nnx.PARTITION_NAME: "layers"}  # the stacked-layer axis of every block parameter
+ACTIVATIONS = ("act_batch", "act_length", "act_embed")
 
 REMAT_POLICIES = {
     "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -41,18 +45,20 @@ class DiffTransformer(nnx.Module):
             cfg.emb_dim,
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
-            embedding_init=nnx.initializers.normal(cfg.init_std),
+            embedding_init=logical(nnx.initializers.normal(cfg.init_std), ("vocab", "embed")),
             rngs=rngs,
         )
 
         @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(in_axes=0, out_axes=0)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata=LAYER_AXIS)
         def stacked_blocks(rngs: nnx.Rngs) -> Block:
             return Block(cfg, rngs=rngs)
 
         self.blocks = stacked_blocks(rngs)
         self.final_norm = RMSNorm(cfg.emb_dim, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
-        self.lm_head = None if cfg.tie_embeddings else dense(cfg, cfg.emb_dim, cfg.vocab_size, rngs=rngs)
+        self.lm_head = (
+            None if cfg.tie_embeddings else dense(cfg, cfg.emb_dim, cfg.vocab_size, ("embed", "vocab"), rngs=rngs)
+        )
 
     def layer_constants(self) -> LayerConstants:
         lambda_init = self.cfg.lambda_inits()
@@ -78,10 +84,11 @@ class DiffTransformer(nnx.Module):
         if self.cfg.remat_policy != "none":
             block_call = nnx.remat(block_call, policy=REMAT_POLICIES[self.cfg.remat_policy])
 
-        @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry)
+        @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry, transform_metadata=LAYER_AXIS)
         def run_layers(x: jax.Array, block: Block, layer: LayerConstants) -> jax.Array:
-            return block_call(block, x, positions, segment_ids, layer)
+            return constrain(block_call(block, x, positions, segment_ids, layer), ACTIVATIONS)
 
-        x = run_layers(self.embed(tokens), self.blocks, self.layer_constants())
+        x = run_layers(constrain(self.embed(tokens), ACTIVATIONS), self.blocks, self.layer_constants())
         x = self.final_norm(x)
-        return self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+        logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+        return constrain(logits, ("act_batch", "act_length", "act_vocab"))

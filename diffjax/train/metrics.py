@@ -1,10 +1,13 @@
-"""Where metrics go: JSON lines for scripts, TensorBoard event files for people."""
+"""Where metrics go: JSON lines for scripts, TensorBoard event files and a progress bar for people."""
 
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
 
 class MetricsWriter:
@@ -29,3 +32,54 @@ class MetricsWriter:
     def close(self) -> None:
         if self.enabled:
             self.tensorboard.close()
+
+
+class ProgressLog:
+    """Train metrics every `log_every` steps: the step's own values plus throughput over the interval.
+
+    Device values are read only when the caller hands over a finished step, which it does after the
+    next step is dispatched, so logging never stalls the device.
+    """
+
+    def __init__(
+        self,
+        config,
+        tokens_per_step: int,
+        flops_per_step: float,
+        peak_tflops: float | None,
+        learning_rate: Callable[[int], float],
+        writer: MetricsWriter,
+    ):
+        self.total, self.log_every = config.total_steps, config.log_every_steps
+        self.tokens_per_step, self.flops_per_step, self.peak = tokens_per_step, flops_per_step, peak_tflops
+        self.learning_rate, self.writer = learning_rate, writer
+        self.bar = tqdm(total=self.total, unit="step", disable=not writer.enabled, dynamic_ncols=True)
+        self.restart_clock(0)
+
+    def restart_clock(self, step: int) -> None:
+        """Begin a throughput interval (after an evaluation, say, which is not training time)."""
+        self.clock = (time.perf_counter(), step)
+
+    def step_done(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        self.bar.update(step - self.bar.n)
+        if step % self.log_every and step != self.total:
+            return
+        values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+        now = time.perf_counter()
+        seconds = (now - self.clock[0]) / max(step - self.clock[1], 1)
+        devices = jax.device_count()
+        values.update(
+            learning_rate=float(self.learning_rate(step - 1)),
+            step_time_s=seconds,
+            tokens_per_s=self.tokens_per_step / seconds,
+            tokens_per_s_per_device=self.tokens_per_step / seconds / devices,
+            tflops_per_device=self.flops_per_step / seconds / devices / 1e12,
+        )
+        if self.peak:
+            values["mfu"] = values["tflops_per_device"] / self.peak
+        self.clock = (now, step)
+        self.writer.write("metrics", step, values)
+        self.bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_s']:.0f}")
+
+    def close(self) -> None:
+        self.bar.close()

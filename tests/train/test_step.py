@@ -1,17 +1,15 @@
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from conftest import REPO, load_config
 from flax import nnx
 
-from diffjax.config import model_config
 from diffjax.data.corpus import python_docs
 from diffjax.data.tokenizer import ByteTokenizer
 from diffjax.model import DiffTransformer
-from diffjax.train.optimizer import make_optimizer
-from diffjax.train.step import TrainState, eval_step, loss_and_count, train_step
+from diffjax.parallel.mesh import make_mesh
+from diffjax.train.state import create_state, make_trainer
+from diffjax.train.step import loss_and_count, loss_sums
 
 
 def _tiny_config():
@@ -32,13 +30,11 @@ def test_a_tiny_model_overfits_a_fixed_batch():
         "positions": np.broadcast_to(np.arange(length), (rows, length)),
         "loss_mask": np.ones((rows, length), np.float32),
     }
-    graphdef, params = nnx.split(DiffTransformer(model_config(config), rngs=nnx.Rngs(0)))
-    optimizer = make_optimizer(config)
-    step = jax.jit(functools.partial(train_step, graphdef=graphdef, optimizer=optimizer))
-    state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+    trainer = make_trainer(config, make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+    state = create_state(config, trainer)
     losses = []
     for _ in range(config.total_steps):
-        state, metrics = step(state, batch)
+        state, metrics = trainer.train_step(state, batch)
         losses.append(float(metrics["loss"]))
     assert losses[0] > 5.0, losses[0]  # ln(259) = 5.56 at init
     assert losses[-1] < 0.5, losses[-1]
@@ -59,5 +55,5 @@ def test_loss_ignores_masked_targets_and_counts_kept_tokens(tiny_model_config):
     changed = dict(batch, targets=jnp.where(batch["loss_mask"] > 0, batch["targets"], 0))
     np.testing.assert_allclose(loss_and_count(params, graphdef, changed)[0], loss, rtol=1e-6)
     assert float(count) == 10.0
-    loss_sum, eval_count = eval_step(params, batch, graphdef=graphdef)
+    loss_sum, eval_count = loss_sums(params, graphdef, batch)[1]
     np.testing.assert_allclose(loss_sum / eval_count, loss, rtol=1e-6)

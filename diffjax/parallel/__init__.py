@@ -1,0 +1,1 @@
+"""Device meshes, distributed start-up, and the logical-axis sharding rules."""

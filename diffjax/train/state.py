@@ -1,0 +1,72 @@
+"""The sharded train state and the compiled steps: parameters are born sharded, never whole on one host."""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from diffjax.config import model_config
+from diffjax.model import DiffTransformer
+from diffjax.parallel.sharding import logical_spec, tree_shardings
+from diffjax.train.optimizer import make_optimizer
+from diffjax.train.step import StepOptions, TrainState, eval_step, train_step
+
+BATCH_AXES = ("act_batch", "act_length")
+
+
+class Trainer(NamedTuple):
+    options: StepOptions
+    state_shardings: TrainState
+    batch_sharding: NamedSharding
+    train_step: jax.stages.Wrapped
+    eval_step: jax.stages.Wrapped
+
+
+def make_trainer(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainer:
+    """Shardings from the model's logical axes and `config.sharding_rules`, and the jitted steps."""
+    rules = tuple(tuple(rule) for rule in config.sharding_rules)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: DiffTransformer(model_config(config), rngs=nnx.Rngs(0))))
+    options = StepOptions(
+        graphdef=graphdef,
+        optimizer=make_optimizer(config),
+        mesh=mesh,
+        rules=rules,
+        grad_accum_steps=config.grad_accum_steps,
+        z_loss=config.z_loss,
+    )
+    state_shardings = tree_shardings(jax.eval_shape(functools.partial(init_state, config, options)), mesh, rules)
+    batch_sharding = NamedSharding(mesh, logical_spec(BATCH_AXES, rules))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    step = jax.jit(
+        functools.partial(train_step, options=options),
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=0,
+    )
+    evaluate = jax.jit(
+        functools.partial(eval_step, options=options),
+        in_shardings=(state_shardings.params, batch_sharding),
+        out_shardings=replicated,
+    )
+    return Trainer(options, state_shardings, batch_sharding, step, evaluate)
+
+
+def init_state(config: ml_collections.ConfigDict, options: StepOptions) -> TrainState:
+    params = nnx.state(DiffTransformer(model_config(config), rngs=nnx.Rngs(config.seed)))
+    return TrainState(jnp.zeros((), jnp.int32), params, options.optimizer.init(params))
+
+
+def create_state(config: ml_collections.ConfigDict, trainer: Trainer) -> TrainState:
+    """Initialise directly into the target shardings (each device computes only its own shards)."""
+    init = functools.partial(init_state, config, trainer.options)
+    return jax.jit(init, out_shardings=trainer.state_shardings)()
+
+
+def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """This process's rows of the global batch, as global arrays."""
+    return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in local.items()}

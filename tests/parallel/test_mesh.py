@@ -1,0 +1,35 @@
+import jax
+import pytest
+
+from diffjax.config import ConfigError
+from diffjax.parallel.mesh import make_mesh, resolve_shape
+from diffjax.parallel.sharding import DEFAULT_RULES, logical_spec
+
+
+def test_one_axis_fills_the_devices():
+    assert resolve_shape((1, -1, 1), 8) == (1, 8, 1)
+    assert resolve_shape((2, -1, 2), 8) == (2, 2, 2)
+    assert resolve_shape((2, 2, 2), 8) == (2, 2, 2)
+
+
+@pytest.mark.parametrize(
+    "shape,message",
+    [((3, -1, 1), "cannot fill 8 devices"), ((2, 2, 1), "holds 4 devices but 8"), ((-1, -1, 1), "at most one")],
+)
+def test_bad_mesh_shapes_are_one_line_errors(shape, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_shape(shape, 8)
+
+
+def test_the_default_mesh_uses_every_device_with_auto_axes():
+    mesh = make_mesh((1, -1, 1))
+    assert dict(mesh.shape) == {"data": 1, "fsdp": jax.device_count(), "tensor": 1}
+    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+
+
+def test_logical_names_map_through_the_rules():
+    assert logical_spec(("act_batch", "act_length"), DEFAULT_RULES) == jax.sharding.PartitionSpec(
+        ("data", "fsdp"), None
+    )
+    with pytest.raises(ValueError, match="no sharding rule for logical axes"):
+        logical_spec(("nope",), DEFAULT_RULES)
