@@ -1,8 +1,11 @@
-"""Run a few train steps of a small config on several meshes in one process (invoked by the tests).
+"""Run a few train steps of a small config on several meshes (invoked by the tests).
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/parallel/sharded_run.py OUT.json
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python tests/parallel/sharded_run.py OUT.json PROCESS PORT
 
-Prints nothing; writes {mesh: {"losses": [...], "shardings": {param: spec}}} for each mesh.
+The first form writes {mesh: {"losses": [...], "shardings": {param: spec}}} for each mesh; the second joins a
+two-process run on localhost (this is process PROCESS of 2) over a (1, 4, 1) mesh, and process 0 writes
+{"losses": [...]}. Every process feeds only its own rows of each global batch.
 """
 
 import json
@@ -15,7 +18,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import REPO, load_config
 
-from diffjax.parallel.mesh import make_mesh
+from diffjax.parallel.mesh import initialize_distributed, make_mesh
 from diffjax.train.state import create_state, global_batch, make_trainer
 
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 4, 2)]
@@ -45,12 +48,15 @@ def batches(config, count):
         }
 
 
-def train(config, mesh) -> dict:
+def train(config, mesh, steps: int = STEPS) -> dict:
     trainer = make_trainer(config, mesh)
     state = create_state(config, trainer)
+    rows = config.batch_size // jax.process_count()
+    own = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
     losses = []
-    for batch in batches(config, STEPS):
-        state, metrics = trainer.train_step(state, global_batch(batch, trainer.batch_sharding))
+    for batch in batches(config, steps):
+        local = {key: value[own] for key, value in batch.items()}
+        state, metrics = trainer.train_step(state, global_batch(local, trainer.batch_sharding))
         losses.append(float(metrics["loss"]))
     specs = {
         jax.tree_util.keystr(path): str(leaf.sharding.spec)
@@ -59,7 +65,7 @@ def train(config, mesh) -> dict:
     return {"losses": losses, "shardings": specs}
 
 
-def main(out: str) -> None:
+def single_process(out: str) -> None:
     config = small_config()
     results = {}
     for shape in MESHES:
@@ -68,5 +74,16 @@ def main(out: str) -> None:
     Path(out).write_text(json.dumps(results))
 
 
+def two_processes(out: str, process_id: int, port: int) -> None:
+    initialize_distributed(f"127.0.0.1:{port}", num_processes=2, process_id=process_id, timeout_s=120)
+    assert jax.process_count() == 2 and jax.device_count() == 4, (jax.process_count(), jax.device_count())
+    result = train(small_config(), make_mesh((1, 4, 1)), steps=3)
+    if process_id == 0:
+        Path(out).write_text(json.dumps({"losses": result["losses"]}))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if len(sys.argv) == 2:
+        single_process(sys.argv[1])
+    else:
+        two_processes(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

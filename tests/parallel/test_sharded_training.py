@@ -1,5 +1,6 @@
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -41,3 +42,29 @@ def test_parameters_are_sharded_as_the_rules_say(sharded_results):
     assert spec("['embed']['embedding']") == "P('tensor', 'fsdp')"  # vocab, embed
     assert spec("['lambda_q1']") == "P(None, None)"
     assert spec("['final_norm']['scale']") == "P(None,)"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_on_localhost_agree_with_one(sharded_results, tmp_path):
+    """jax.distributed with gloo: 2 processes x 2 CPU devices, each feeding only its own rows of the batch."""
+    out, port = tmp_path / "two.json", _free_port()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(SCRIPT), str(out), str(i), str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    errors = [worker.communicate(timeout=600)[1] for worker in workers]
+    assert [w.returncode for w in workers] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    losses = json.loads(out.read_text())["losses"]
+    np.testing.assert_allclose(losses, sharded_results["(1, 1, 1)"]["losses"][:3], rtol=1e-4)
