@@ -17,9 +17,15 @@ from diffjax.cli import UsageError, run_main
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
+    config = flags.FLAGS.config
+    if config.aot_topology:
+        from diffjax.train.aot import compile_for_topology, describe
+
+        print(describe(compile_for_topology(config)))
+        return
     from diffjax.train.loop import run
 
-    run(flags.FLAGS.config)
+    run(config)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
 """Shared fixtures: configs loaded the way train.py loads them, and a tiny model config."""
 
 import importlib.util
+import os
 from pathlib import Path
 
 import ml_collections
 import pytest
 
 from diffjax.model import ModelConfig
+
+# libtpu (AOT compile tests) takes a machine-wide lock; tests and their subprocesses may load it side by side.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted((REPO / "configs").glob("*.py"))

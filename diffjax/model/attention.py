@@ -11,11 +11,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from diffjax import ops
 from diffjax.model.layers import RMSNorm, apply_rope, dense, param
 from diffjax.model.model_config import ModelConfig
 from diffjax.parallel.sharding import constrain
+
+ATTENTION_OUTPUT = "attention_output"  # checkpoint name of the attention core's result (remat policies)
 
 
 class LayerConstants(NamedTuple):
@@ -90,6 +93,7 @@ class DiffAttention(_ProjectedAttention):
         values = jnp.concatenate([v[:, :, :g], v[:, :, g:]], axis=-1)
         lam = self.lambda_full(layer.lambda_init, x.dtype)
         out = ops.diff_attention(q[:, :, :h], q[:, :, h:], k[:, :, :g], k[:, :, g:], values, lam, segment_ids)
+        out = checkpoint_name(out, ATTENTION_OUTPUT)
         out = (self.subln(out).astype(jnp.float32) * layer.output_scale).astype(x.dtype)
         return self.o_proj(out.reshape(*x.shape[:2], -1))
 
@@ -111,7 +115,7 @@ class DiffAttentionV2(_ProjectedAttention):
     ) -> jax.Array:
         del layer  # v2 has no lambda_init and no output scale
         q, k, v = self.project(x, positions)
-        attn = ops.attention(q, k, v, segment_ids)
+        attn = checkpoint_name(ops.attention(q, k, v, segment_ids), ATTENTION_OUTPUT)
         lam = jax.nn.sigmoid(self.lambda_proj(x).astype(jnp.float32)).astype(x.dtype)
         out = attn[:, :, 0::2] - lam[..., None] * attn[:, :, 1::2]
         return self.o_proj(out.reshape(*x.shape[:2], -1))
@@ -133,7 +137,8 @@ class StandardAttention(_ProjectedAttention):
     ) -> jax.Array:
         del layer  # no differential terms
         q, k, v = self.project(x, positions)
-        return self.o_proj(ops.attention(q, k, v, segment_ids).reshape(*x.shape[:2], -1))
+        out = checkpoint_name(ops.attention(q, k, v, segment_ids), ATTENTION_OUTPUT)
+        return self.o_proj(out.reshape(*x.shape[:2], -1))
 
 
 ATTENTION_TYPES: dict[str, type[nnx.Module]] = {

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 AttentionType = Literal["diff", "diff_v2", "standard"]
-RematPolicy = Literal["none", "minimal", "full"]
+RematPolicy = Literal["none", "minimal", "full", "save_attention"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffjax.model.attention import ATTENTION_TYPES, LayerConstants
+from diffjax.model.attention import ATTENTION_OUTPUT, ATTENTION_TYPES, LayerConstants
 from diffjax.model.layers import RMSNorm, SwiGLU, dense, logical
 from diffjax.model.model_config import ModelConfig
 from diffjax.parallel.sharding import constrain
@@ -15,6 +15,8 @@ ACTIVATIONS = ("act_batch", "act_length", "act_embed")
 REMAT_POLICIES = {
     "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "full": jax.checkpoint_policies.nothing_saveable,
+    # Keep each attention core's output (named in attention.py); recompute projections and the MLP.
+    "save_attention": jax.checkpoint_policies.save_only_these_names(ATTENTION_OUTPUT),
 }
 
 

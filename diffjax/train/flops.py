@@ -18,6 +18,14 @@ PEAK_TFLOPS = {
 }
 
 
+# HBM per chip in GiB, by substring of `device.device_kind` (first match wins: "v5 lite" before "v5").
+HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5e": 16, "TPU v5p": 95, "TPU v5": 95, "TPU v6": 32}
+
+
+def hbm_gib(device_kind: str) -> float:
+    return next((gib for kind, gib in HBM_GIB.items() if kind in device_kind), float("nan"))
+
+
 def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Forward + backward FLOPs per token: 6 x matmul weights, plus causal attention scores and mixing.
 

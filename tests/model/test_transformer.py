@@ -80,7 +80,7 @@ def test_scanned_stack_does_not_grow_the_program_with_depth(tiny_model_config):
     assert program_size(2) == program_size(8)
 
 
-@pytest.mark.parametrize("policy", ["minimal", "full"])
+@pytest.mark.parametrize("policy", ["minimal", "full", "save_attention"])
 def test_remat_policies_do_not_change_the_math(tiny_model_config, policy):
     def loss_and_grads(cfg):
         graphdef, params = nnx.split(DiffTransformer(cfg, rngs=nnx.Rngs(0)))
