@@ -5,6 +5,7 @@ compiler (XLA + Mosaic) runs on this host, so per-device memory and FLOPs are th
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -24,11 +25,13 @@ BATCH_DTYPES = {
 }
 
 
-def topology_devices(name: str) -> list:
+def topology_devices(name: str, num_slices: int = 1) -> list:
+    """The devices of `num_slices` slices of topology `name` (multi-slice jobs: `mesh.dcn_shape`)."""
     try:
         from jax.experimental import topologies
 
-        return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+        slices = {"num_slices": num_slices} if num_slices > 1 else {}
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=name, **slices).devices)
     except (ImportError, RuntimeError, ValueError) as error:
         raise ConfigError(
             f"aot_topology={name!r}: no TPU topology ({str(error).splitlines()[0] if str(error) else error!r}); "
@@ -42,7 +45,7 @@ def compile_for_topology(config: ml_collections.ConfigDict) -> dict[str, float |
     FLOPs are the analytic model count: XLA's cost analysis counts a scanned layer stack's body once.
     """
     validate(config)
-    devices = topology_devices(config.aot_topology)
+    devices = topology_devices(config.aot_topology, math.prod(config.mesh.dcn_shape))
     mesh = make_mesh(config.mesh.shape, config.mesh.dcn_shape, devices=devices)
     trainer = make_trainer(config, mesh)
     abstract = jax.eval_shape(functools.partial(init_state, config, trainer.options))

@@ -54,3 +54,13 @@ def test_a_missing_topology_is_a_one_line_error():
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("train.py: error: aot_topology='v9z:1x1'")
+
+
+@requires_libtpu
+def test_multi_slice_meshes_put_dcn_axes_across_slices():
+    from diffjax.parallel.mesh import make_mesh
+    from diffjax.train.aot import topology_devices
+
+    mesh = make_mesh((1, -1, 1), dcn_shape=(2, 1, 1), devices=topology_devices("v5e:2x2", num_slices=2))
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert [{d.slice_index for d in row.flat} for row in mesh.devices] == [{0}, {1}]
