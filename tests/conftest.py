@@ -11,6 +11,9 @@ from diffjax.model import ModelConfig
 
 # libtpu (AOT compile tests) takes a machine-wide lock; tests and their subprocesses may load it side by side.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# Without a TPU, an installed libtpu would probe for one and print warnings into every CLI's stderr; the
+# topology API used for AOT compilation works regardless. Set JAX_PLATFORMS explicitly to test on GPU/TPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted((REPO / "configs").glob("*.py"))

@@ -61,3 +61,16 @@ def test_z_loss_adds_to_the_objective_not_the_reported_loss():
     _, with_z = _one_step(config)
     np.testing.assert_allclose(float(with_z["loss"]), float(plain["loss"]), rtol=1e-6)
     assert float(with_z["grad_norm"]) != float(plain["grad_norm"])
+
+
+def test_a_non_finite_step_leaves_the_last_good_state():
+    config = _config(1)
+    config.update(learning_rate=1e30, end_learning_rate=0.0, grad_clip_norm=1e30)  # step 1 blows the weights up
+    trainer = _trainer(config)
+    batch = global_batch(_batch(config), trainer.batch_sharding)
+    state, first = trainer.train_step(create_state(config, trainer), batch)
+    assert bool(first["finite"])
+    good = jax.device_get(state.params)
+    state, second = trainer.train_step(state, batch)
+    assert not bool(second["finite"]) and int(state.step) == 2
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), good)
