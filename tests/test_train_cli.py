@@ -23,6 +23,8 @@ def test_train_cli_trains_evaluates_logs_and_samples(tmp_path):
             "--config.eval_batches=2",
             "--config.sample_tokens=16",
             "--config.model.num_layers=2",
+            "--config.profile_start_step=3",
+            "--config.profile_steps=2",
         ],
         cwd=REPO,
         capture_output=True,
@@ -41,6 +43,9 @@ def test_train_cli_trains_evaluates_logs_and_samples(tmp_path):
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert json.loads((workdir / "config.json").read_text())["total_steps"] == 30
     assert "validation loss" in result.stdout and "sample: 'The " in result.stdout
+    assert "train step per device: arguments" in result.stdout  # the compiled step's memory analysis
+    assert list((workdir / "profile").rglob("*.xplane.pb"))  # the jax.profiler trace of steps 3-4
+    assert {"param_norm", "step_time_s", "tokens_per_s_per_device", "tflops_per_device", "mfu"} <= records[0].keys()
 
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path):

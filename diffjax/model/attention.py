@@ -24,7 +24,7 @@ ATTENTION_OUTPUT = "attention_output"  # checkpoint name of the attention core's
 class LayerConstants(NamedTuple):
     """Per-layer float32 scalars derived from the layer index (scanned alongside the stacked weights).
 
-    Both come from float64 like Hugging Face's Python floats, so bfloat16 outputs match it bit for bit.
+    Both come from float64 like Hugging Face's Python floats, for bfloat16 parity with it.
     """
 
     lambda_init: jax.Array  # 0.8 - 0.6 exp(-0.3 l)

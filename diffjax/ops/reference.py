@@ -60,8 +60,8 @@ def diff_attention(
     """Differential attention core `(A1 V) - lam (A2 V)`: `[B, T, H, d] ... -> [B, T, H, 2d]`.
 
     `v` is `[B, T, Hkv, 2d]`; `lam` is a scalar in the activation dtype. The two branch outputs are
-    formed separately and combined in the activation dtype, exactly as Hugging Face's DiffLlama does,
-    so bfloat16 results match it bit for bit.
+    formed separately and combined in the activation dtype, in Hugging Face DiffLlama's order, for
+    bfloat16 parity with it.
     """
     mask = _mask(segment_ids, q1.shape[1])
     out1 = _weighted_values(_probabilities(q1, k1, mask), v)
