@@ -50,7 +50,6 @@ def run(config: ml_collections.ConfigDict) -> dict[str, float]:
     tokenizer = load_tokenizer(config.data.tokenizer)
     check_tokenizer(config, tokenizer)
     validation = eval_batches(config, tokenizer)  # builds the dataset on first use; fails before the workdir
-    train_batches = iter(make_dataset(config, tokenizer, "train"))
     workdir = Path(config.workdir)  # created only once the config and data are known to work
     workdir.mkdir(parents=True, exist_ok=True)
     main_process = jax.process_index() == 0
@@ -65,6 +64,15 @@ def run(config: ml_collections.ConfigDict) -> dict[str, float]:
         f"model: {num_params / 1e6:.2f}M parameters, {config.model.attention_type} attention, "
         f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, workdir {workdir}"
     )
+    train_batches = iter(make_dataset(config, tokenizer, "train"))
+    try:
+        return _train(config, trainer, state, train_batches, validation, tokenizer, workdir, log)
+    finally:
+        train_batches.close()
+
+
+def _train(config, trainer: Trainer, state, train_batches, validation: list[Batch], tokenizer, workdir: Path, log):
+    """Compile, evaluate at step 0, train, evaluate at the end, print a sample."""
     first = global_batch(next(train_batches), trainer.batch_sharding)
     compiled = trainer.train_step.lower(state, first).compile()
     log(describe_compiled(compiled))
@@ -88,7 +96,6 @@ def run(config: ml_collections.ConfigDict) -> dict[str, float]:
         state = train_loop(config, trainer, compiled, state, first, train_batches, progress, run_eval, workdir)
     finally:
         progress.close()
-        train_batches.close()
 
     last_eval = run_eval(config.total_steps, state.params)
     log(f"validation loss {first_eval:.4f} at step 0 -> {last_eval:.4f} at step {config.total_steps}")
