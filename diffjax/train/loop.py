@@ -112,6 +112,12 @@ def train_loop(config, trainer, compiled, state, batch, train_batches, progress,
     profile_start = config.profile_start_step if config.profile_start_step > 0 else None
     profile_stop = profile_start and profile_start + config.profile_steps - 1
     previous = None
+
+    def settle(step: int, metrics: dict[str, jax.Array]) -> None:
+        """A finished step's host-side work: the NaN check and logging."""
+        check_finite(config, step, metrics)
+        progress.step_done(step, metrics)
+
     for step in range(1, config.total_steps + 1):
         if step == profile_start:
             jax.profiler.start_trace(str(workdir / "profile"))
@@ -120,19 +126,16 @@ def train_loop(config, trainer, compiled, state, batch, train_batches, progress,
             jax.block_until_ready(metrics)
             jax.profiler.stop_trace()
         if previous is not None:
-            check_finite(config, *previous)
-            progress.step_done(*previous)
+            settle(*previous)
         previous = (step, metrics)
         if step < config.total_steps:
             batch = global_batch(next(train_batches), trainer.batch_sharding)
         if config.eval_every_steps and step % config.eval_every_steps == 0 and step < config.total_steps:
-            check_finite(config, *previous)
-            progress.step_done(*previous)
+            settle(*previous)
             previous = None
             run_eval(step, state.params)
             progress.restart_clock(step)
-    check_finite(config, *previous)
-    progress.step_done(*previous)
+    settle(*previous)
     return state
 
 
