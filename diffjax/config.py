@@ -57,6 +57,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.profile_steps = 5
     config.cpu_peak_tflops = 1.0  # per core-set peak used for MFU on CPU (accelerators come from a table)
     config.aot_topology = ""  # e.g. "v5p:4x4x4": compile for that TPU slice with libtpu and exit
+    config.checkpoint_every_steps = 100  # asynchronous saves to <workdir>/checkpoints (0: only at the end)
+    config.keep_checkpoints = 3  # the latest N checkpoints are kept...
+    config.keep_period = 0  # ...and every one whose step is a multiple of this, for good (0: none)
+    config.init_from = ""  # fine-tuning: parameters only, from a workdir, its checkpoints/ or one step's directory
+    config.restart_from_scratch = False  # start over although the workdir holds checkpoints, none of them usable
     config.mesh = ml_collections.ConfigDict(dict(shape=(1, -1, 1), dcn_shape=(1, 1, 1)))  # (data, fsdp, tensor)
     config.sharding_rules = DEFAULT_RULES
     config.distributed = ml_collections.ConfigDict(
@@ -139,6 +144,8 @@ def paper_config(
     config.weight_decay = 0.05
     config.log_every_steps = 100
     config.eval_every_steps = 1000
+    config.checkpoint_every_steps = 1000
+    config.keep_period = 10_000
     config.model.update(
         vocab_size=PAPER_VOCAB_SIZE,
         emb_dim=emb_dim,
@@ -228,6 +235,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail(f"weight_decay={config.weight_decay} must be >= 0")
     if config.grad_clip_norm <= 0:
         _fail(f"grad_clip_norm={config.grad_clip_norm} must be positive")
+    for key in ("checkpoint_every_steps", "keep_period"):
+        if config[key] < 0:
+            _fail(f"{key}={config[key]} must be >= 0")
+    if config.keep_checkpoints < 1:
+        _fail(f"keep_checkpoints={config.keep_checkpoints} must be >= 1; the latest checkpoint is what a restart needs")
 
 
 def _validate_data(data: ml_collections.ConfigDict) -> None:

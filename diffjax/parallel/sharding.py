@@ -32,6 +32,12 @@ DEFAULT_RULES: Rules = (
     ("act_vocab", "tensor"),
 )
 
+
+def as_rules(table: Sequence[Sequence]) -> Rules:
+    """A rules table from a config or its JSON (where tuples came back as lists) as hashable tuples."""
+    return tuple((name, tuple(target) if isinstance(target, list) else target) for name, target in table)
+
+
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar("sharding", default=None)
 
 
@@ -73,3 +79,8 @@ def tree_shardings(tree, mesh: Mesh, rules: Rules):
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree.map(sharding, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def with_shardings(shapes, shardings):
+    """ShapeDtypeStructs that carry their target shardings: what Orbax restores and AOT compiles read."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)

@@ -4,7 +4,6 @@ libtpu's topology descriptions give device objects for any slice (`v5p:4x4x4`, .
 compiler (XLA + Mosaic) runs on this host, so per-device memory and FLOPs are the ones the slice would see.
 """
 
-import functools
 import math
 
 import jax
@@ -14,7 +13,7 @@ import ml_collections
 from diffjax.config import ConfigError, model_config, validate
 from diffjax.parallel.mesh import make_mesh
 from diffjax.train.flops import hbm_gib, training_flops_per_token
-from diffjax.train.state import init_state, make_trainer
+from diffjax.train.state import make_trainer
 
 BATCH_DTYPES = {
     "inputs": jnp.int32,
@@ -48,17 +47,11 @@ def compile_for_topology(config: ml_collections.ConfigDict) -> dict[str, float |
     devices = topology_devices(config.aot_topology, math.prod(config.mesh.dcn_shape))
     mesh = make_mesh(config.mesh.shape, config.mesh.dcn_shape, devices=devices)
     trainer = make_trainer(config, mesh)
-    abstract = jax.eval_shape(functools.partial(init_state, config, trainer.options))
-    state = jax.tree.map(
-        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-        abstract,
-        trainer.state_shardings,
-    )
     shape = (config.batch_size, config.seq_len)
     batch = {
         k: jax.ShapeDtypeStruct(shape, dtype, sharding=trainer.batch_sharding) for k, dtype in BATCH_DTYPES.items()
     }
-    lowered = trainer.train_step.lower(state, batch)
+    lowered = trainer.train_step.lower(trainer.abstract_state, batch)
     report = {
         "topology": config.aot_topology,
         "device_kind": devices[0].device_kind,

@@ -1,7 +1,10 @@
-"""The training run: build everything from a validated config, train, evaluate, print a sample."""
+"""The training run: build everything from a validated config, resume or start, train, evaluate, sample."""
 
+import dataclasses
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grain
 import jax
 import ml_collections
 import numpy as np
@@ -11,10 +14,13 @@ from diffjax.data.pipeline import Batch, eval_batches, make_dataset
 from diffjax.data.tokenizer import load_tokenizer
 from diffjax.evaluate.generate import greedy_generate
 from diffjax.parallel.mesh import initialize_distributed, make_mesh
+from diffjax.train.checkpoint import RunCheckpoints, find_checkpoint, restore_params, run_metadata
 from diffjax.train.flops import peak_tflops, training_flops_per_token
 from diffjax.train.metrics import MetricsWriter, ProgressLog
 from diffjax.train.optimizer import learning_rate_schedule
-from diffjax.train.state import Trainer, create_state, global_batch, make_trainer
+from diffjax.train.preemption import StopRequest
+from diffjax.train.state import Trainer, create_state, global_batch, make_trainer, state_from_params
+from diffjax.train.step import TrainState
 
 
 class NonFiniteError(ConfigError):
@@ -41,7 +47,11 @@ def describe_compiled(compiled: jax.stages.Compiled) -> str:
 
 
 def run(config: ml_collections.ConfigDict) -> dict[str, float]:
-    """Train `config`; returns the first and last validation losses."""
+    """Train `config`, resuming from `<workdir>/checkpoints` when it holds any; returns validation losses.
+
+    The result has `last_eval_loss` (absent when a stop signal ended the run early) and, for a run
+    that started at step 0, `first_eval_loss`.
+    """
     validate(config)
     initialize_distributed(**config.distributed)
     if config.compilation_cache_dir:
@@ -50,93 +60,143 @@ def run(config: ml_collections.ConfigDict) -> dict[str, float]:
     tokenizer = load_tokenizer(config.data.tokenizer)
     check_tokenizer(config, tokenizer)
     validation = eval_batches(config, tokenizer)  # builds the dataset on first use; fails before the workdir
-    workdir = Path(config.workdir)  # created only once the config and data are known to work
-    workdir.mkdir(parents=True, exist_ok=True)
+    init_from = find_checkpoint(config.init_from) if config.init_from else None
+    workdir = Path(config.workdir)
     main_process = jax.process_index() == 0
-    if main_process:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     log = print if main_process else (lambda *_: None)
 
     trainer = make_trainer(config, mesh)
-    state = create_state(config, trainer)
-    num_params = sum(x.size for x in jax.tree.leaves(state.params))
-    log(
-        f"model: {num_params / 1e6:.2f}M parameters, {config.model.attention_type} attention, "
-        f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, workdir {workdir}"
-    )
     train_batches = iter(make_dataset(config, tokenizer, "train"))
+    checkpoints = None
     try:
-        return _train(config, trainer, state, train_batches, validation, tokenizer, workdir, log)
+        workdir.mkdir(parents=True, exist_ok=True)
+        checkpoints = RunCheckpoints(workdir, config, run_metadata(config, mesh))
+        state = checkpoints.restore_latest(trainer.abstract_state, train_batches)
+        if state is not None:
+            log(f"resuming at step {int(state.step)} from {checkpoints.step_directory(int(state.step))}")
+        elif init_from:
+            log(f"parameters from {init_from[0] / str(init_from[1])}; optimizer and step start afresh")
+            state = state_from_params(trainer, restore_params(*init_from, trainer.abstract_state.params))
+        else:
+            state = create_state(config, trainer)
+        if main_process:
+            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        num_params = sum(x.size for x in jax.tree.leaves(state.params))
+        log(
+            f"model: {num_params / 1e6:.2f}M parameters, {config.model.attention_type} attention, "
+            f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, workdir {workdir}"
+        )
+        session = _Session.start(config, trainer, checkpoints, validation, workdir, log, int(state.step))
+        return session.run(state, train_batches, tokenizer)
     finally:
+        if checkpoints is not None:
+            checkpoints.close()  # waits for the last asynchronous write
         train_batches.close()
 
 
-def _train(config, trainer: Trainer, state, train_batches, validation: list[Batch], tokenizer, workdir: Path, log):
-    """Compile, evaluate at step 0, train, evaluate at the end, print a sample."""
-    first = global_batch(next(train_batches), trainer.batch_sharding)
-    compiled = trainer.train_step.lower(state, first).compile()
-    log(describe_compiled(compiled))
+@dataclasses.dataclass
+class _Session:
+    """What the steps of one invocation share: metrics, checkpoints and the stop request."""
 
-    writer = MetricsWriter(workdir)
-    schedule = learning_rate_schedule(config)
-    tokens_per_step = config.batch_size * config.seq_len
-    flops_per_step = training_flops_per_token(model_config(config), config.seq_len) * tokens_per_step
-    peak = peak_tflops(jax.devices()[0], config.cpu_peak_tflops)
-    progress = ProgressLog(config, tokens_per_step, flops_per_step, peak, schedule, writer)
+    config: ml_collections.ConfigDict
+    trainer: Trainer
+    checkpoints: RunCheckpoints
+    validation: list[Batch]
+    writer: MetricsWriter
+    progress: ProgressLog
+    log: Callable[..., None]
+    start_step: int
 
-    def run_eval(step: int, params) -> float:
-        loss = evaluate(trainer, params, validation)
-        writer.write("eval", step, {"eval_loss": loss})
-        log(f"step {step}: validation loss {loss:.4f}")
+    @classmethod
+    def start(cls, config, trainer, checkpoints, validation, workdir: Path, log, start_step: int) -> "_Session":
+        writer = MetricsWriter(workdir, resume_step=start_step or None)
+        tokens_per_step = config.batch_size * config.seq_len
+        flops_per_step = training_flops_per_token(model_config(config), config.seq_len) * tokens_per_step
+        peak = peak_tflops(jax.devices()[0], config.cpu_peak_tflops)
+        schedule = learning_rate_schedule(config)
+        progress = ProgressLog(config, tokens_per_step, flops_per_step, peak, schedule, writer)
+        return cls(config, trainer, checkpoints, validation, writer, progress, log, start_step)
+
+    def evaluate(self, step: int, params) -> float:
+        loss = evaluate(self.trainer, params, self.validation)
+        self.writer.write("eval", step, {"eval_loss": loss})
+        self.log(f"step {step}: validation loss {loss:.4f}")
         return loss
 
-    first_eval = run_eval(0, state.params)
-    progress.restart_clock(0)
-    try:
-        state = train_loop(config, trainer, compiled, state, first, train_batches, progress, run_eval, workdir)
-    finally:
-        progress.close()
+    def run(self, state: TrainState, train_batches: grain.DatasetIterator, tokenizer) -> dict[str, float]:
+        """Evaluate at step 0 (not on resume), train to `total_steps` or a stop signal, evaluate, sample."""
+        config, result = self.config, {}
+        try:
+            with StopRequest().installed() as stop:
+                if self.start_step == 0:
+                    result["first_eval_loss"] = self.evaluate(0, state.params)
+                state, stopped = self.train(state, train_batches, stop)
+        finally:
+            self.progress.close()
+            self.writer.close()
+        if stopped is not None:
+            self.checkpoints.wait()
+            self.log(f"saved step {stopped} to {self.checkpoints.step_directory(stopped)}; run again to resume")
+            return result
+        result["last_eval_loss"] = self.evaluate(max(config.total_steps, self.start_step), state.params)
+        if "first_eval_loss" in result:
+            self.log(
+                f"validation loss {result['first_eval_loss']:.4f} at step 0 -> "
+                f"{result['last_eval_loss']:.4f} at step {config.total_steps}"
+            )
+        if config.sample_tokens and jax.process_count() == 1:
+            prompt = tokenizer.encode(config.sample_prompt)
+            generated = greedy_generate(self.trainer.options.graphdef, state.params, prompt, config.sample_tokens)
+            self.log(f"sample: {config.sample_prompt + tokenizer.decode(generated)!r}")
+        return result
 
-    last_eval = run_eval(config.total_steps, state.params)
-    log(f"validation loss {first_eval:.4f} at step 0 -> {last_eval:.4f} at step {config.total_steps}")
-    if config.sample_tokens and jax.process_count() == 1:
-        prompt = tokenizer.encode(config.sample_prompt)
-        generated = greedy_generate(trainer.options.graphdef, state.params, prompt, config.sample_tokens)
-        log(f"sample: {config.sample_prompt + tokenizer.decode(generated)!r}")
-    writer.close()
-    return {"first_eval_loss": first_eval, "last_eval_loss": last_eval}
+    def train(self, state: TrainState, train_batches: Iterator, stop: StopRequest) -> tuple[TrainState, int | None]:
+        """Steps after `start_step` up to `total_steps`; returns the state and the step a signal stopped at.
 
+        Metrics of step t are read after step t+1 is dispatched. A checkpoint of step t holds the data
+        position after exactly t batches, so the next batch is drawn only once the save has begun.
+        """
+        config, trainer = self.config, self.trainer
+        if self.start_step >= config.total_steps:
+            return state, None
+        batch = global_batch(next(train_batches), trainer.batch_sharding)
+        compiled = trainer.train_step.lower(state, batch).compile()
+        self.log(describe_compiled(compiled))
+        profile_start = config.profile_start_step if config.profile_start_step > 0 else None
+        profile_stop = profile_start and profile_start + config.profile_steps - 1
+        self.progress.restart_clock(self.start_step)
+        previous = None
+        for step in range(self.start_step + 1, config.total_steps + 1):
+            if step == profile_start:
+                jax.profiler.start_trace(str(Path(config.workdir) / "profile"))
+            state, metrics = compiled(state, batch)
+            if step == profile_stop:
+                jax.block_until_ready(metrics)
+                jax.profiler.stop_trace()
+            if previous is not None:
+                self.settle(*previous)
+            previous = (step, metrics)
+            stopping = stop.reached(step)
+            if stopping or step == config.total_steps or self.checkpoints.due(step):
+                self.settle(*previous)  # never checkpoint past a step that fails the NaN check
+                previous = None
+                self.checkpoints.save(step, state, train_batches)
+            if stopping:
+                return state, step
+            if step < config.total_steps:
+                batch = global_batch(next(train_batches), trainer.batch_sharding)
+            if config.eval_every_steps and step % config.eval_every_steps == 0 and step < config.total_steps:
+                if previous is not None:
+                    self.settle(*previous)
+                    previous = None
+                self.evaluate(step, state.params)
+                self.progress.restart_clock(step)
+        return state, None
 
-def train_loop(config, trainer, compiled, state, batch, train_batches, progress, run_eval, workdir):
-    """Steps 1..total_steps; metrics of step t are read after step t+1 is dispatched."""
-    profile_start = config.profile_start_step if config.profile_start_step > 0 else None
-    profile_stop = profile_start and profile_start + config.profile_steps - 1
-    previous = None
-
-    def settle(step: int, metrics: dict[str, jax.Array]) -> None:
+    def settle(self, step: int, metrics: dict[str, jax.Array]) -> None:
         """A finished step's host-side work: the NaN check and logging."""
-        check_finite(config, step, metrics)
-        progress.step_done(step, metrics)
-
-    for step in range(1, config.total_steps + 1):
-        if step == profile_start:
-            jax.profiler.start_trace(str(workdir / "profile"))
-        state, metrics = compiled(state, batch)
-        if step == profile_stop:
-            jax.block_until_ready(metrics)
-            jax.profiler.stop_trace()
-        if previous is not None:
-            settle(*previous)
-        previous = (step, metrics)
-        if step < config.total_steps:
-            batch = global_batch(next(train_batches), trainer.batch_sharding)
-        if config.eval_every_steps and step % config.eval_every_steps == 0 and step < config.total_steps:
-            settle(*previous)
-            previous = None
-            run_eval(step, state.params)
-            progress.restart_clock(step)
-    settle(*previous)
-    return state
+        check_finite(self.config, step, metrics)
+        self.progress.step_done(step, metrics)
 
 
 def check_finite(config: ml_collections.ConfigDict, step: int, metrics: dict[str, jax.Array]) -> None:

@@ -11,14 +11,25 @@ from tqdm import tqdm
 
 
 class MetricsWriter:
-    """Writes `<workdir>/<name>.jsonl` records and TensorBoard scalars; silent on processes other than 0."""
+    """Writes `<workdir>/<name>.jsonl` records and TensorBoard scalars; silent on processes other than 0.
 
-    def __init__(self, workdir: Path):
+    A fresh run replaces earlier records; a run resumed at step s keeps those up to s and drops the
+    later ones (steps that are about to be trained again), so the files read as one uninterrupted run.
+    """
+
+    def __init__(self, workdir: Path, resume_step: int | None = None):
         self.enabled = jax.process_index() == 0
-        self.started: set[str] = set()  # files already begun by this run (a fresh run replaces old ones)
-        if self.enabled:
-            self.workdir = workdir
-            self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+        self.started: set[str] = set()  # files this run appends to (a fresh run replaces old ones)
+        if not self.enabled:
+            return
+        self.workdir = workdir
+        if resume_step is not None:
+            for path in workdir.glob("*.jsonl"):
+                kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+                path.write_text("".join(line + "\n" for line in kept))
+                self.started.add(path.stem)
+        purge = None if resume_step is None else resume_step + 1  # TensorBoard hides older events from here on
+        self.tensorboard = SummaryWriter(str(workdir / "tensorboard"), purge_step=purge)
 
     def write(self, name: str, step: int, values: dict[str, float]) -> None:
         if not self.enabled:

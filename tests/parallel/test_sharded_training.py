@@ -68,3 +68,19 @@ def test_two_processes_on_localhost_agree_with_one(sharded_results, tmp_path):
     assert [w.returncode for w in workers] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
     losses = json.loads(out.read_text())["losses"]
     np.testing.assert_allclose(losses, sharded_results["(1, 1, 1)"]["losses"][:3], rtol=1e-4)
+
+
+def test_a_parameter_that_cannot_split_over_its_mesh_axes_is_a_one_line_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "train.py", f"--config.workdir={tmp_path / 'run'}", "--config.mesh.shape=(2,2,2)"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "train.py: error: parameter embed/embedding has a dimension of 259 that does not split 2 ways over mesh "
+        "axes tensor; make it a multiple of 2 (e.g. model.vocab_size), or change mesh.shape"
+    )
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,261 @@
+"""Orbax checkpoints of a training run: exact resume, damage handling, parameters for fine-tuning.
+
+`<workdir>/checkpoints/<step>/` holds four items: `params` and `opt_state` (tensorstore arrays, written
+asynchronously and read straight into the target shardings, so any mesh or device count restores any
+checkpoint), `data` (every process's grain iterator position, JSON) and `metadata` (the config,
+the model layout and package versions, JSON). Nothing is pickled, so loading never runs stored code.
+The train step draws no random numbers (no dropout), so the data position is the run's only RNG state.
+"""
+
+import importlib.metadata
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx, traverse_util
+from jax.experimental import multihost_utils
+
+from diffjax.config import ConfigError
+from diffjax.train.step import TrainState
+
+CHECKPOINTS = "checkpoints"
+DAMAGED = "checkpoints.damaged"  # unreadable steps are moved here once an older one has restored
+UNFINISHED = ".orbax-checkpoint-tmp"  # Orbax writes a step here and renames it when complete
+PACKAGES = ("diffjax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain")
+
+
+def warn(message: str) -> None:
+    """A warning on stderr from process 0 (absl keeps library logging quiet in the CLIs)."""
+    if jax.process_index() == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _tuples(state: Any) -> Any:
+    """JSON brings tuples back as lists; grain's iterator states hold tuples and compare against them."""
+    if isinstance(state, dict):
+        return {key: _tuples(value) for key, value in state.items()}
+    if isinstance(state, list):
+        return tuple(_tuples(value) for value in state)
+    return state
+
+
+class _DataHandler(grain.checkpoint.CheckpointHandler):
+    """grain's handler (one JSON file per process), restoring the tuples its JSON round trip loses.
+
+    grain 0.2.18's concat-then-split packer tests `slice != (-1, -1)`, which a list never equals, so its
+    own restore silently resumes at another position inside a shuffle window.
+    """
+
+    def restore(self, directory, item=None, args=None) -> grain.DatasetIterator:
+        iterator = item or args.item
+        path = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        iterator.set_state(_tuples(json.loads(path.read_text())))
+        return iterator
+
+
+def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    """Handlers by item name, so metadata and partial restores work before anything was saved."""
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for item in ("params", "opt_state"):
+        registry.add(item, ocp.args.StandardSave, ocp.StandardCheckpointHandler())
+        registry.add(item, ocp.args.StandardRestore, ocp.StandardCheckpointHandler())
+    registry.add("metadata", ocp.args.JsonSave, ocp.JsonCheckpointHandler())
+    registry.add("metadata", ocp.args.JsonRestore, ocp.JsonCheckpointHandler())
+    registry.add("data", grain.checkpoint.CheckpointSave, _DataHandler())
+    registry.add("data", grain.checkpoint.CheckpointRestore, _DataHandler())
+    return registry
+
+
+def _manager(directory: Path, options: ocp.CheckpointManagerOptions | None = None) -> ocp.CheckpointManager:
+    options = options or ocp.CheckpointManagerOptions(create=False)  # a reader: never creates the directory
+    return ocp.CheckpointManager(directory.absolute(), options=options, handler_registry=_handler_registry())
+
+
+def run_metadata(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+    """What a checkpoint records about the run that wrote it (JSON)."""
+    return {
+        "config": config.to_dict(),
+        "model_layout": {"layers": "scan-stacked", "num_layers": config.model.num_layers, "params": "flax-nnx"},
+        "process_count": jax.process_count(),
+        "device_count": jax.device_count(),
+        "platform": jax.devices()[0].platform,
+        "mesh": dict(mesh.shape),
+        "versions": {"python": platform.python_version()} | {p: importlib.metadata.version(p) for p in PACKAGES},
+    }
+
+
+def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
+    """`{"blocks/attention/q_proj/kernel": shape}` of a parameter tree (nnx Variables or Orbax metadata)."""
+    nested = nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
+    flat = traverse_util.flatten_dict(nested)
+    names = ("/".join(map(str, key[:-1] if key[-1] == "value" else key)) for key in flat)
+    return {name: tuple(leaf.shape) for name, leaf in zip(names, flat.values(), strict=True)}
+
+
+def check_shapes(saved: dict[str, tuple[int, ...]], wanted: dict[str, tuple[int, ...]], where: str) -> None:
+    """One line naming the first parameter whose shape (or presence) differs between checkpoint and config."""
+    for name in sorted(saved.keys() | wanted.keys()):
+        if saved.get(name) != wanted.get(name):
+            there = saved.get(name, "absent")
+            here = wanted.get(name, "absent")
+            raise ConfigError(
+                f"the checkpoint {where} does not fit this config: parameter {name} is {there} there and {here} "
+                "here; use the model settings it was trained with (its metadata holds the config) or another workdir"
+            )
+
+
+class RunCheckpoints:
+    """The checkpoints of one workdir: periodic asynchronous saves, retention, resume."""
+
+    def __init__(self, workdir: Path, config: ml_collections.ConfigDict, metadata: dict[str, Any]):
+        self.directory = workdir / CHECKPOINTS
+        self.damaged = workdir / DAMAGED
+        self.every = config.checkpoint_every_steps
+        self.restart_from_scratch = config.restart_from_scratch
+        self.metadata = metadata
+        keep: ocp.checkpoint_managers.PreservationPolicy = ocp.checkpoint_managers.LatestN(config.keep_checkpoints)
+        if config.keep_period:
+            keep = ocp.checkpoint_managers.AnyPreservationPolicy(
+                [keep, ocp.checkpoint_managers.EveryNSteps(config.keep_period)]
+            )
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=keep, enable_async_checkpointing=True, create=True, cleanup_tmp_directories=False
+        )
+        self.manager = _manager(self.directory, options)
+
+    def due(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
+    def save(self, step: int, state: TrainState, data_iterator: grain.DatasetIterator) -> None:
+        """Start writing `step`; the call returns once the arrays are copied off the devices."""
+        if step in self.manager.all_steps():
+            return  # already saved (a preemption at a periodic step, or a re-run of a finished run)
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            opt_state=ocp.args.StandardSave(state.opt_state),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+            metadata=ocp.args.JsonSave(self.metadata | {"step": step, "saved_at": time.time()}),
+        )
+        self.manager.save(step, args=args, force=True)
+
+    def step_directory(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    def restore_latest(self, abstract: TrainState, data_iterator: grain.DatasetIterator) -> TrainState | None:
+        """The newest readable checkpoint restored into `abstract`'s shardings, or None when there is none.
+
+        Unreadable newer steps are skipped with a warning, and moved to `checkpoints.damaged/` once an
+        older one has restored (so later saves of those steps do not collide). A model that does not fit
+        raises `ConfigError` before anything is read or moved.
+        """
+        self._remove_unfinished()
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
+            return None
+        wanted = _flat_shapes(abstract.params)
+        failed: list[int] = []
+        for step in steps:
+            try:
+                state = self._restore(step, abstract, wanted, data_iterator)
+            except ConfigError:
+                raise
+            except Exception as error:  # any read failure makes this step unusable
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+                warn(f"checkpoint {self.step_directory(step)} is unreadable ({reason}); trying an older one")
+                failed.append(step)
+                continue
+            self._move_aside(failed)
+            return state
+        if not self.restart_from_scratch:
+            raise ConfigError(
+                f"no usable checkpoint in {self.directory} (unreadable steps: {', '.join(map(str, failed))}); "
+                "repair or remove them, or set --config.restart_from_scratch=true to train from step 0"
+            )
+        warn(f"restart_from_scratch: moving the unreadable checkpoints to {self.damaged}, starting at step 0")
+        self._move_aside(failed)
+        return None
+
+    def _restore(self, step: int, abstract: TrainState, wanted: dict, data_iterator) -> TrainState:
+        saved = self.manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())).metadata
+        if saved["process_count"] != jax.process_count():
+            raise ConfigError(
+                f"checkpoint {self.step_directory(step)} was written by {saved['process_count']} processes and this "
+                f"run has {jax.process_count()}: the data position cannot be split differently; resume with "
+                f"{saved['process_count']} processes, or start a new workdir with init_from={self.step_directory(step)}"
+            )
+        saved_shapes = _flat_shapes(self.manager.item_metadata(step)["params"].tree)
+        check_shapes(saved_shapes, wanted, str(self.step_directory(step)))
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract.params),
+                opt_state=ocp.args.StandardRestore(abstract.opt_state),
+                data=grain.checkpoint.CheckpointRestore(data_iterator),
+            ),
+        )
+        step_array = jax.device_put(jnp.asarray(step, abstract.step.dtype), abstract.step.sharding)
+        return TrainState(step_array, restored.params, restored.opt_state)
+
+    def _remove_unfinished(self) -> None:
+        """Delete writes that never completed (a kill mid-save); the step before them is intact."""
+        if jax.process_index() == 0 and self.directory.is_dir():
+            for path in sorted(self.directory.glob(f"*{UNFINISHED}*")):
+                warn(f"removing the unfinished checkpoint write {path}")
+                shutil.rmtree(path)
+        multihost_utils.sync_global_devices("diffjax:remove_unfinished_checkpoints")
+        self.manager.reload()
+
+    def _move_aside(self, steps: list[int]) -> None:
+        if steps and jax.process_index() == 0:
+            self.damaged.mkdir(exist_ok=True)
+            for step in steps:
+                target = self.damaged / f"{step}-{int(time.time())}"
+                shutil.move(self.step_directory(step), target)
+                warn(f"moved the unreadable checkpoint {self.step_directory(step)} to {target}")
+        if steps:
+            multihost_utils.sync_global_devices("diffjax:move_damaged_checkpoints")
+            self.manager.reload()
+
+    def wait(self) -> None:
+        """Block until the last write is complete on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.wait()
+        self.manager.close()
+
+
+def find_checkpoint(path: str | Path) -> tuple[Path, int]:
+    """(checkpoints directory, step) for a workdir, its `checkpoints/` or one step's directory."""
+    path = Path(path).expanduser()
+    if path.name.isdigit() and (path / "params").is_dir():
+        return path.parent, int(path.name)
+    directory = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
+    step = _manager(directory).latest_step() if directory.is_dir() else None
+    if step is None:
+        raise ConfigError(
+            f"no checkpoint at {path}; give a workdir, its checkpoints/ directory or one step's directory"
+        )
+    return directory, step
+
+
+def read_metadata(directory: Path, step: int) -> dict[str, Any]:
+    """The `metadata` item of one checkpoint (config, layout, versions)."""
+    return _manager(directory).restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())).metadata
+
+
+def restore_params(directory: Path, step: int, abstract_params: nnx.State) -> nnx.State:
+    """Parameters only (fine-tuning, evaluation), read into the shardings that `abstract_params` carries."""
+    manager = _manager(directory)
+    where = str(directory / str(step))
+    check_shapes(_flat_shapes(manager.item_metadata(step)["params"].tree), _flat_shapes(abstract_params), where)
+    return manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))).params

@@ -1,0 +1,245 @@
+"""Checkpointing end to end through `train.py`: exact resume, preemption, damage, meshes, fine-tuning."""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+from diffjax.config import ConfigError
+from diffjax.train.checkpoint import check_shapes, find_checkpoint
+
+STEPS = 12
+RUN = [  # the default model (0.84M parameters) on small batches: ~0.2 s a step, long enough to interrupt
+    f"--config.total_steps={STEPS}",
+    "--config.warmup_steps=2",
+    "--config.checkpoint_every_steps=5",
+    "--config.log_every_steps=1",
+    "--config.eval_every_steps=0",
+    "--config.eval_batches=2",
+    "--config.batch_size=8",
+    "--config.seq_len=128",
+    "--config.sample_tokens=0",
+]
+EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+
+
+def command(workdir: Path, data_dir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "train.py",
+        f"--config.workdir={workdir}",
+        f"--config.data.data_dir={data_dir}",
+        *RUN,
+        *extra,
+    ]
+
+
+def train(workdir: Path, data_dir: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        command(workdir, data_dir, *extra),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def records(workdir: Path, name: str = "metrics") -> list[dict]:
+    return [json.loads(line) for line in (workdir / f"{name}.jsonl").read_text().splitlines()]
+
+
+def trajectory(workdir: Path) -> list[tuple]:
+    """Per-step values that must agree bitwise between runs (timings excluded)."""
+    return [(r["step"], r["loss"], r["grad_norm"], r["param_norm"]) for r in records(workdir)]
+
+
+def checkpoint_steps(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+PARAMS_SCRIPT = """
+import sys, numpy as np
+from flax import nnx, traverse_util
+from diffjax import load_model
+model, _ = load_model(sys.argv[1])
+np.savez(sys.argv[2], **traverse_util.flatten_dict(nnx.to_pure_dict(model.params), sep="/"))
+"""
+
+
+def params_of(workdir: Path, env: dict | None = None) -> dict[str, np.ndarray]:
+    """The parameters `load_model` gives in a fresh process (with `env`, e.g. 8 devices)."""
+    out = workdir.parent / f"{workdir.name}-params.npz"
+    result = subprocess.run(
+        [sys.executable, "-c", PARAMS_SCRIPT, str(workdir), str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with np.load(out) as arrays:
+        return dict(arrays)
+
+
+def same_params(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def tree_digest(directory: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_dir) -> Path:
+    """Run A: 12 uninterrupted steps, checkpoints at 5, 10 and 12."""
+    workdir = tmp_path_factory.mktemp("run_a") / "run"
+    result = train(workdir, data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert checkpoint_steps(workdir) == [5, 10, 12]
+    return workdir
+
+
+def test_sigkill_then_rerun_reproduces_the_uninterrupted_run_bitwise(finished_run, data_dir, tmp_path):
+    workdir = tmp_path / "run_b"
+    process = subprocess.Popen(command(workdir, data_dir), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not (workdir / "checkpoints" / "5").is_dir():
+        assert process.poll() is None and time.monotonic() < deadline, "run B ended before its step-5 checkpoint"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    assert max(checkpoint_steps(workdir)) < STEPS  # killed mid-run
+
+    result = train(workdir, data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"resuming at step (5|10) from ", result.stdout), result.stdout
+    assert trajectory(workdir) == trajectory(finished_run)
+    assert records(workdir, "eval") == records(finished_run, "eval")
+    assert same_params(params_of(finished_run), params_of(workdir))
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_zero_then_resumes(finished_run, data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    process = subprocess.Popen(
+        command(workdir, data_dir), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300
+    while not (workdir / "metrics.jsonl").is_file() or not records(workdir):
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first step"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    saved = re.search(r"saved step (\d+) to (\S+); run again to resume", stdout)
+    assert saved, stdout
+    step = int(saved.group(1))
+    assert 1 <= step < STEPS and Path(saved.group(2)) == workdir / "checkpoints" / str(step)
+    assert max(checkpoint_steps(workdir)) == step and "SIGTERM: stopping after this step" in stderr
+
+    result = train(workdir, data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming at step {step} from " in result.stdout
+    assert trajectory(workdir) == trajectory(finished_run)
+
+
+def test_a_truncated_latest_checkpoint_is_skipped_for_the_previous_one(finished_run, data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run, workdir)
+    largest = max((workdir / "checkpoints" / "12" / "params").rglob("*"), key=lambda p: p.stat().st_size)
+    with open(largest, "r+b") as f:
+        f.truncate(largest.stat().st_size // 2)
+
+    result = train(workdir, data_dir, f"--config.total_steps={STEPS + 2}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"warning: checkpoint {workdir / 'checkpoints' / '12'} is unreadable" in result.stderr
+    assert "resuming at step 10 from " in result.stdout
+    assert checkpoint_steps(workdir)[-1] == STEPS + 2
+    assert [p.name.split("-")[0] for p in (workdir / "checkpoints.damaged").iterdir()] == ["12"]
+
+
+def test_no_usable_checkpoint_stops_the_run_unless_restarting_from_scratch_is_asked(finished_run, data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run, workdir)
+    for step in checkpoint_steps(workdir):
+        (workdir / "checkpoints" / str(step) / "metadata" / "metadata").write_text("{")
+    result = train(workdir, data_dir)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("train.py: error: no usable checkpoint in ")
+    assert checkpoint_steps(workdir) == [5, 10, 12]  # nothing moved or deleted
+
+    result = train(workdir, data_dir, "--config.total_steps=2", "--config.restart_from_scratch=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert checkpoint_steps(workdir) == [2] and len(list((workdir / "checkpoints.damaged").iterdir())) == 3
+
+
+def test_a_model_that_does_not_fit_the_checkpoint_is_rejected_and_nothing_changes(finished_run, data_dir):
+    before = tree_digest(finished_run)
+    result = train(finished_run, data_dir, "--config.model.mlp_dim=384")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("train.py: error: the checkpoint ") and len(lines[-1]) < 400, lines[-1]
+    assert re.search(r"parameter blocks/mlp/\w+/kernel is \(4, 352, 128\) there and \(4, 384, 128\) here", lines[-1])
+    assert tree_digest(finished_run) == before
+
+
+def test_checkpoints_restore_on_other_meshes_and_init_from_starts_fresh(data_dir, tmp_path):
+    """Saved on 8 devices as (2, 2, 2); restored on 1 device and as (1, 8, 1); fine-tuned from on 1 device."""
+    source = tmp_path / "mesh222"
+    steps = ["--config.total_steps=3", "--config.checkpoint_every_steps=0", "--config.model.vocab_size=264"]
+    result = train(source, data_dir, *steps, "--config.mesh.shape=(2,2,2)", env=EIGHT_DEVICES)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one_device = train(source, data_dir, *steps)  # a finished run: restores, evaluates, stops
+    eight = train(source, data_dir, *steps, "--config.mesh.shape=(1,8,1)", env=EIGHT_DEVICES)
+    for run in (one_device, eight):
+        assert run.returncode == 0 and "resuming at step 3 from " in run.stdout, run.stderr[-3000:]
+    evals = records(source, "eval")  # step 0 and step 3 of the run, then one evaluation per restore
+    assert [e["step"] for e in evals] == [0, 3, 3, 3]
+    # The parameters are bitwise equal (below); the loss sums over tokens in another order on another mesh.
+    assert evals[2]["eval_loss"] == pytest.approx(evals[1]["eval_loss"], rel=1e-6)
+    assert evals[3]["eval_loss"] == pytest.approx(evals[1]["eval_loss"], rel=1e-6)
+    assert same_params(params_of(source), params_of(source, EIGHT_DEVICES))
+
+    finetune = tmp_path / "finetune"
+    init_from = f"--config.init_from={source / 'checkpoints' / '3'}"
+    result = train(finetune, data_dir, *steps[2:], "--config.total_steps=2", init_from)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "optimizer and step start afresh" in result.stdout
+    assert records(finetune, "eval")[0] == {"step": 0, "eval_loss": evals[2]["eval_loss"]}  # as on one device
+    assert [r["step"] for r in records(finetune)] == [1, 2]
+
+
+def test_find_checkpoint_accepts_a_workdir_its_checkpoints_or_a_step(finished_run, tmp_path):
+    checkpoints = finished_run / "checkpoints"
+    assert find_checkpoint(finished_run) == (checkpoints, 12)
+    assert find_checkpoint(checkpoints) == (checkpoints, 12)
+    assert find_checkpoint(checkpoints / "5") == (checkpoints, 5)
+    with pytest.raises(ConfigError, match="no checkpoint at "):
+        find_checkpoint(tmp_path)
+
+
+def test_check_shapes_names_the_first_mismatch():
+    check_shapes({"a": (1,), "b": (2, 3)}, {"a": (1,), "b": (2, 3)}, "x")
+    with pytest.raises(ConfigError, match=r"parameter b is \(2, 3\) there and \(2, 4\) here"):
+        check_shapes({"a": (1,), "b": (2, 3)}, {"a": (1,), "b": (2, 4)}, "x")
+    with pytest.raises(ConfigError, match="parameter c is absent there and"):
+        check_shapes({"a": (1,)}, {"a": (1,), "c": (1,)}, "x")
