@@ -8,11 +8,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grain
+import jax
 import ml_collections
 import tensorflow_datasets as tfds
 
 from diffjax.config import ConfigError, parse_mixture
 from diffjax.data import builders
+from diffjax.parallel.mesh import barrier
 
 OWN_SOURCES = ("diffjax_corpus", "text_files", "needles")
 
@@ -39,15 +41,26 @@ def _builder(name: str, data: ml_collections.ConfigDict) -> tfds.core.DatasetBui
     return builder
 
 
+def _prepared_builder(name: str, data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    """Build on first use: process 0 first, then the others find it ready (shared disk) or build their own."""
+    first = jax.process_index() == 0
+    if not first:
+        barrier(f"prepared {name}")
+    builder = _builder(name, data)  # made after process 0's build, so it sees the finished dataset
+    if not builder.is_prepared():
+        builder.download_and_prepare()
+    if first:
+        barrier(f"prepared {name}")
+    return builder
+
+
 def _split_name(name: str, split: str, data: ml_collections.ConfigDict) -> str:
     return data.validation_split if split == "validation" and name not in OWN_SOURCES else split
 
 
 def open_split(name: str, data: ml_collections.ConfigDict, split: str) -> grain.MapDataset:
     """The documents of one source's split as a `MapDataset[str]`, building our own datasets on first use."""
-    builder = _builder(name, data)
-    if not builder.is_prepared():
-        builder.download_and_prepare()
+    builder = _prepared_builder(name, data)
     split = _split_name(name, split, data)
     if split not in builder.info.splits and name == "text_files":
         raise ConfigError(

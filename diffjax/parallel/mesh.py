@@ -1,11 +1,13 @@
 """The device mesh (`data`, `fsdp`, `tensor`) and multi-host start-up."""
 
+import itertools
 import math
 import os
 from collections.abc import Sequence
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
@@ -67,3 +69,13 @@ def initialize_distributed(
         kwargs.update(coordinator_address=coordinator, num_processes=num_processes or None)
         kwargs.update(process_id=process_id if process_id >= 0 else None)
     jax.distributed.initialize(**kwargs)
+
+
+_barriers = itertools.count()  # every process passes the same barriers in the same order
+
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+    """Wait until every process gets here (no-op on one). A coordination-service barrier, not a device
+    collective: a process that arrives minutes late (building a dataset, say) is fine."""
+    if jax.process_count() > 1:
+        ocp.multihost.get_barrier_sync_fn()(key=f"diffjax:{name}:{next(_barriers)}", timeout_ms=timeout_s * 1000)

@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx, traverse_util
-from jax.experimental import multihost_utils
 
 from diffjax.config import ConfigError
+from diffjax.parallel.mesh import barrier
 from diffjax.train.step import TrainState
 
 CHECKPOINTS = "checkpoints"
@@ -211,7 +211,7 @@ class RunCheckpoints:
             for path in sorted(self.directory.glob(f"*{UNFINISHED}*")):
                 warn(f"removing the unfinished checkpoint write {path}")
                 shutil.rmtree(path)
-        multihost_utils.sync_global_devices("diffjax:remove_unfinished_checkpoints")
+        barrier("removed unfinished checkpoints")
         self.manager.reload()
 
     def _move_aside(self, steps: list[int]) -> None:
@@ -222,7 +222,7 @@ class RunCheckpoints:
                 shutil.move(self.step_directory(step), target)
                 warn(f"moved the unreadable checkpoint {self.step_directory(step)} to {target}")
         if steps:
-            multihost_utils.sync_global_devices("diffjax:move_damaged_checkpoints")
+            barrier("moved damaged checkpoints")
             self.manager.reload()
 
     def wait(self) -> None:

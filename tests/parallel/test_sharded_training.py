@@ -1,12 +1,11 @@
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, free_port
 
 SCRIPT = REPO / "tests" / "parallel" / "sharded_run.py"
 
@@ -44,15 +43,9 @@ def test_parameters_are_sharded_as_the_rules_say(sharded_results):
     assert spec("['final_norm']['scale']") == "P(None,)"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_on_localhost_agree_with_one(sharded_results, tmp_path):
     """jax.distributed with gloo: 2 processes x 2 CPU devices, each feeding only its own rows of the batch."""
-    out, port = tmp_path / "two.json", _free_port()
+    out, port = tmp_path / "two.json", free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     workers = [
         subprocess.Popen(

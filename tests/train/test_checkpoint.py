@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, free_port
 
 from diffjax.config import ConfigError
 from diffjax.train.checkpoint import check_shapes, find_checkpoint
@@ -160,6 +160,35 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero_then_resumes(finished_ru
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming at step {step} from " in result.stdout
     assert trajectory(workdir) == trajectory(finished_run)
+
+
+def test_sigterm_on_one_of_two_processes_stops_both_at_the_same_step(data_dir, tmp_path):
+    """Two processes x 2 CPU devices: JAX's preemption sync tells every host the step to stop and save at."""
+    workdir, port = tmp_path / "run", free_port()
+    distributed = [f"--config.distributed.coordinator=127.0.0.1:{port}", "--config.distributed.num_processes=2"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+
+    def start(process_id: int) -> subprocess.Popen:
+        flags = [*distributed, f"--config.distributed.process_id={process_id}", "--config.total_steps=60"]
+        return subprocess.Popen(
+            command(workdir, data_dir, *flags), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+
+    workers = [start(0), start(1)]
+    deadline = time.monotonic() + 300
+    while not (workdir / "metrics.jsonl").is_file() or len(records(workdir)) < 2:
+        if any(w.poll() is not None for w in workers) or time.monotonic() > deadline:
+            pytest.fail(b"the run ended early: ".join(w.communicate()[1][-2000:] for w in workers).decode())
+        time.sleep(0.01)
+    workers[1].send_signal(signal.SIGTERM)
+    outputs = [w.communicate(timeout=300) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    saved = re.search(rb"saved step (\d+) to ", outputs[0][0])
+    assert saved, outputs[0][0][-2000:]
+    step = int(saved.group(1))
+    assert checkpoint_steps(workdir) == [step] and step < 60
+    files = sorted(p.name for p in (workdir / "checkpoints" / str(step) / "data").glob("process_*.json"))
+    assert files == ["process_0-of-2.json", "process_1-of-2.json"]
 
 
 def test_a_truncated_latest_checkpoint_is_skipped_for_the_previous_one(finished_run, data_dir, tmp_path):
