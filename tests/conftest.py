@@ -5,10 +5,17 @@ import os
 import socket
 from pathlib import Path
 
+import grain
+import jax
 import ml_collections
+import numpy as np
 import pytest
+from flax import nnx
 
 from diffjax.model import ModelConfig
+from diffjax.parallel.mesh import make_mesh
+from diffjax.train.checkpoint import RunCheckpoints, run_metadata
+from diffjax.train.state import create_state, make_trainer
 
 # libtpu (AOT compile tests) takes a machine-wide lock; tests and their subprocesses may load it side by side.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -38,3 +45,24 @@ def free_port() -> int:
 @pytest.fixture
 def tiny_model_config() -> ModelConfig:
     return ModelConfig(vocab_size=64, emb_dim=32, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=64)
+
+
+def save_run(workdir: Path, steps: list[int], model: dict | None = None, **settings) -> dict[int, nnx.State]:
+    """Checkpoints of a small model (params scaled at every step) written by the training code's save path.
+
+    Returns the saved parameters by step; `model` and `settings` override the tiny config.
+    """
+    config = load_config(REPO / "configs" / "tiny.py")
+    config.model.update(emb_dim=32, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=64, **(model or {}))
+    config.update(settings)
+    mesh = make_mesh((1, -1, 1))
+    trainer = make_trainer(config, mesh)
+    state = create_state(config, trainer)
+    checkpoints = RunCheckpoints(workdir, config, run_metadata(config, mesh))
+    saved = {}
+    for step in steps:
+        state = state._replace(params=jax.tree.map(lambda x: x * 1.5, state.params))
+        checkpoints.save(step, state, iter(grain.MapDataset.range(4).to_iter_dataset()))
+        saved[step] = jax.tree.map(np.asarray, state.params)
+    checkpoints.close()
+    return saved

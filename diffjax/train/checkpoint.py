@@ -157,15 +157,14 @@ class RunCheckpoints:
         older one has restored (so later saves of those steps do not collide). A model that does not fit
         raises `ConfigError` before anything is read or moved.
         """
-        self._remove_unfinished()
         steps = sorted(self.manager.all_steps(), reverse=True)
         if not steps:
+            self._remove_unfinished()
             return None
-        wanted = _flat_shapes(abstract.params)
         failed: list[int] = []
         for step in steps:
             try:
-                state = self._restore(step, abstract, wanted, data_iterator)
+                state = self._restore(step, abstract, data_iterator)
             except ConfigError:
                 raise
             except Exception as error:  # any read failure makes this step unusable
@@ -174,6 +173,7 @@ class RunCheckpoints:
                 failed.append(step)
                 continue
             self._move_aside(failed)
+            self._remove_unfinished()
             return state
         if not self.restart_from_scratch:
             raise ConfigError(
@@ -182,9 +182,10 @@ class RunCheckpoints:
             )
         warn(f"restart_from_scratch: moving the unreadable checkpoints to {self.damaged}, starting at step 0")
         self._move_aside(failed)
+        self._remove_unfinished()
         return None
 
-    def _restore(self, step: int, abstract: TrainState, wanted: dict, data_iterator) -> TrainState:
+    def _restore(self, step: int, abstract: TrainState, data_iterator: grain.DatasetIterator) -> TrainState:
         saved = self.manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())).metadata
         if saved["process_count"] != jax.process_count():
             raise ConfigError(
@@ -192,8 +193,7 @@ class RunCheckpoints:
                 f"run has {jax.process_count()}: the data position cannot be split differently; resume with "
                 f"{saved['process_count']} processes, or start a new workdir with init_from={self.step_directory(step)}"
             )
-        saved_shapes = _flat_shapes(self.manager.item_metadata(step)["params"].tree)
-        check_shapes(saved_shapes, wanted, str(self.step_directory(step)))
+        check_fits(self.manager, step, abstract.params)
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
@@ -234,8 +234,11 @@ class RunCheckpoints:
         self.manager.close()
 
 
-def find_checkpoint(path: str | Path) -> tuple[Path, int]:
-    """(checkpoints directory, step) for a workdir, its `checkpoints/` or one step's directory."""
+def find_checkpoint(path: str | Path, abstract_params: nnx.State | None = None) -> tuple[Path, int]:
+    """(checkpoints directory, step) for a workdir, its `checkpoints/` or one step's directory.
+
+    With `abstract_params`, also check that the model fits (before a run writes anything).
+    """
     path = Path(path).expanduser()
     if path.name.isdigit() and (path / "params").is_dir():
         return path.parent, int(path.name)
@@ -245,6 +248,8 @@ def find_checkpoint(path: str | Path) -> tuple[Path, int]:
         raise ConfigError(
             f"no checkpoint at {path}; give a workdir, its checkpoints/ directory or one step's directory"
         )
+    if abstract_params is not None:
+        check_fits(_manager(directory), step, abstract_params)
     return directory, step
 
 
@@ -253,9 +258,14 @@ def read_metadata(directory: Path, step: int) -> dict[str, Any]:
     return _manager(directory).restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())).metadata
 
 
+def check_fits(manager: ocp.CheckpointManager, step: int, abstract_params: nnx.State) -> None:
+    """`ConfigError` naming the first parameter of `step` whose shape differs from `abstract_params`."""
+    saved = _flat_shapes(manager.item_metadata(step)["params"].tree)
+    check_shapes(saved, _flat_shapes(abstract_params), str(manager.directory / str(step)))
+
+
 def restore_params(directory: Path, step: int, abstract_params: nnx.State) -> nnx.State:
     """Parameters only (fine-tuning, evaluation), read into the shardings that `abstract_params` carries."""
     manager = _manager(directory)
-    where = str(directory / str(step))
-    check_shapes(_flat_shapes(manager.item_metadata(step)["params"].tree), _flat_shapes(abstract_params), where)
+    check_fits(manager, step, abstract_params)
     return manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))).params

@@ -60,12 +60,12 @@ def run(config: ml_collections.ConfigDict) -> dict[str, float]:
     tokenizer = load_tokenizer(config.data.tokenizer)
     check_tokenizer(config, tokenizer)
     validation = eval_batches(config, tokenizer)  # builds the dataset on first use; fails before the workdir
-    init_from = find_checkpoint(config.init_from) if config.init_from else None
+    trainer = make_trainer(config, mesh)
+    init_from = find_checkpoint(config.init_from, trainer.abstract_state.params) if config.init_from else None
     workdir = Path(config.workdir)
     main_process = jax.process_index() == 0
     log = print if main_process else (lambda *_: None)
 
-    trainer = make_trainer(config, mesh)
     train_batches = iter(make_dataset(config, tokenizer, "train"))
     checkpoints = None
     try:

@@ -1,36 +1,13 @@
 import pickle
-from pathlib import Path
 
-import grain
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, load_config
+from conftest import save_run
 from flax import nnx
 
 import diffjax
 from diffjax.config import ConfigError
-from diffjax.parallel.mesh import make_mesh
-from diffjax.train.checkpoint import RunCheckpoints, run_metadata
-from diffjax.train.state import create_state, make_trainer
-
-
-def save_run(workdir: Path, steps: list[int], **model) -> dict[int, nnx.State]:
-    """Checkpoints of a small model written by the training code's save path; returns the saved params."""
-    config = load_config(REPO / "configs" / "tiny.py")
-    config.model.update(emb_dim=32, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=64, **model)
-    mesh = make_mesh((1, -1, 1))
-    trainer = make_trainer(config, mesh)
-    state = create_state(config, trainer)
-    checkpoints = RunCheckpoints(workdir, config, run_metadata(config, mesh))
-    saved = {}
-    for step in steps:
-        state = state._replace(params=jax.tree.map(lambda x: x * 1.5, state.params))
-        checkpoints.save(step, state, iter(grain.MapDataset.range(4).to_iter_dataset()))
-        saved[step] = jax.tree.map(np.asarray, state.params)
-    checkpoints.close()
-    return saved
 
 
 def reference_logits(config, params: nnx.State, tokens: np.ndarray) -> np.ndarray:
@@ -57,7 +34,7 @@ def test_load_model_gives_the_saved_model_as_float32_logits(tmp_path):
 
 
 def test_a_bfloat16_model_still_returns_float32_logits(tmp_path):
-    save_run(tmp_path, [1], dtype="bfloat16")
+    save_run(tmp_path, [1], model={"dtype": "bfloat16"})
     model, config = diffjax.load_model(tmp_path / "checkpoints" / "1")
     assert config.model.dtype == "bfloat16"
     assert model(np.ones((1, 4), np.int32)).dtype == jnp.float32

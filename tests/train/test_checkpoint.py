@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, free_port
+from conftest import REPO, free_port, save_run
 
 from diffjax.config import ConfigError
 from diffjax.train.checkpoint import check_shapes, find_checkpoint
@@ -221,14 +221,20 @@ def test_no_usable_checkpoint_stops_the_run_unless_restarting_from_scratch_is_as
     assert checkpoint_steps(workdir) == [2] and len(list((workdir / "checkpoints.damaged").iterdir())) == 3
 
 
-def test_a_model_that_does_not_fit_the_checkpoint_is_rejected_and_nothing_changes(finished_run, data_dir):
+def test_a_model_that_does_not_fit_the_checkpoint_is_rejected_and_nothing_changes(finished_run, data_dir, tmp_path):
     before = tree_digest(finished_run)
     result = train(finished_run, data_dir, "--config.model.mlp_dim=384")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("train.py: error: the checkpoint ") and len(lines[-1]) < 400, lines[-1]
-    assert re.search(r"parameter blocks/mlp/\w+/kernel is \(4, 352, 128\) there and \(4, 384, 128\) here", lines[-1])
+    mismatch = r"parameter blocks/mlp/\w+/kernel is \(4, 352, 128\) there and \(4, 384, 128\) here"
+    assert re.search(mismatch, lines[-1])
     assert tree_digest(finished_run) == before
+
+    fresh = tmp_path / "finetune"  # the same check for init_from, before the new workdir exists
+    result = train(fresh, data_dir, "--config.model.mlp_dim=384", f"--config.init_from={finished_run}")
+    assert result.returncode == 2 and re.search(mismatch, result.stderr.strip().splitlines()[-1])
+    assert not fresh.exists()
 
 
 def test_checkpoints_restore_on_other_meshes_and_init_from_starts_fresh(data_dir, tmp_path):
@@ -272,3 +278,8 @@ def test_check_shapes_names_the_first_mismatch():
         check_shapes({"a": (1,), "b": (2, 3)}, {"a": (1,), "b": (2, 4)}, "x")
     with pytest.raises(ConfigError, match="parameter c is absent there and"):
         check_shapes({"a": (1,)}, {"a": (1,), "c": (1,)}, "x")
+
+
+def test_retention_keeps_the_latest_and_every_keep_period_th_step(tmp_path):
+    save_run(tmp_path, list(range(1, 10)), keep_checkpoints=2, keep_period=4)
+    assert checkpoint_steps(tmp_path) == [4, 8, 9]
