@@ -56,18 +56,18 @@ def bench_train_step() -> None:
     from diffjax.bench import train_step as bench
 
     shape = bench.Shape(
-        _EMB_DIM.value,
-        _NUM_LAYERS.value,
-        _NUM_HEADS.value,
-        _NUM_KV_HEADS.value,
-        _MLP_DIM.value,
-        _VOCAB_SIZE.value,
-        _SEQ_LEN.value,
-        _BATCH_SIZE.value,
-        _DTYPE.value,
-        _ATTENTION_IMPL.value,
-        _SCAN_LAYERS.value,
-        _REMAT_POLICY.value,
+        emb_dim=_EMB_DIM.value,
+        num_layers=_NUM_LAYERS.value,
+        num_heads=_NUM_HEADS.value,
+        num_kv_heads=_NUM_KV_HEADS.value,
+        mlp_dim=_MLP_DIM.value,
+        vocab_size=_VOCAB_SIZE.value,
+        seq_len=_SEQ_LEN.value,
+        batch_size=_BATCH_SIZE.value,
+        dtype=_DTYPE.value,
+        attention_impl=_ATTENTION_IMPL.value,
+        scan_layers=_SCAN_LAYERS.value,
+        remat_policy=_REMAT_POLICY.value,
     )
     bench.bench_config(shape)  # a bad shape fails here, before anything is built
     steps = {}
@@ -86,6 +86,8 @@ def bench_train_step() -> None:
         f"attention_impl={shape.attention_impl} scan_layers={shape.scan_layers} remat={shape.remat_policy}, "
         f"median of {_STEPS.value} steps"
     )
+    if "diffjax" in steps:
+        print(f"diffjax: data-parallel over {bench.data_parallel_devices(shape.batch_size)} device(s)")
     for name, times in seconds.items():
         print(f"{name}: tokens_per_s={rates[name]:.6g} step_s min={min(times):.4g} max={max(times):.4g}")
     last = f"tokens_per_s={next(iter(rates.values())):.6g} peak_rss_mb={bench.peak_rss_mb():.6g}"
