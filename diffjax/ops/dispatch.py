@@ -7,7 +7,7 @@ fastest implementation that exists and supports the platform, dtype and sequence
 - `pallas` (fused kernels, issue 7) does not exist yet, so `auto` chooses between the two XLA cores.
 - CPU, measured on full training steps (docs/benchmarks.md, "Choosing the attention core"): blockwise with
   128 x 128 tiles beats the dense reference at every length tried, T = 128 (8% faster), 256 (7%), 512
-  (30%) and 2048 (2.6x): it skips the tiles above the causal diagonal and never writes T x T
+  (28%) and 2048 (2.5x): it skips the tiles above the causal diagonal and never writes T x T
   probabilities to memory. So `auto` is blockwise on CPU at every T.
 - GPU/TPU: not measured yet. The dense reference below `DENSE_BELOW` (large fused matmuls suit
   accelerators, and its T x T memory is still small), blockwise from there on (linear memory).
