@@ -2,7 +2,8 @@
 
 Imported only by `--compare_hf` / `--hf_only` (the `hf` extra: torch, transformers). The model matches
 diffjax's (SPEC section 1): 2H attention heads of width E / 2H, 2Hkv key/value heads, SwiGLU of width
-`mlp_dim`, tied embeddings, SDPA attention, float32; the optimizer step matches diffjax's (global-norm
+`mlp_dim`, tied embeddings, SDPA attention, float32 (diffjax's per-head RMSNorm also carries a gain of 2d
+values, which HF's lacks); the optimizer step matches diffjax's (global-norm
 clipping at 1.0, then AdamW with the same hyperparameters).
 """
 
