@@ -14,6 +14,7 @@ from diffjax.cli import UsageError
 from diffjax.model.attention import ATTENTION_TYPES
 from diffjax.model.model_config import ModelConfig
 from diffjax.model.transformer import REMAT_POLICIES
+from diffjax.ops.dispatch import unavailable_reason
 from diffjax.parallel.sharding import DEFAULT_RULES
 
 PAPER_VOCAB_SIZE = 100_288
@@ -113,6 +114,10 @@ def base_config() -> ml_collections.ConfigDict:
             dtype="float32",
             param_dtype="float32",
             remat_policy="none",
+            scan_layers=True,  # False unrolls the layer loop (faster small models on CPU, slower compiles)
+            attention_impl="auto",  # auto, reference, blockwise or pallas (diffjax.ops.dispatch)
+            attention_block_q=128,  # blockwise tile sizes (queries, keys)
+            attention_block_k=128,
         )
     )
     return config
@@ -179,6 +184,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("model.num_heads", model.num_heads),
         ("model.num_kv_heads", model.num_kv_heads),
         ("model.mlp_dim", model.mlp_dim),
+        ("model.attention_block_q", model.attention_block_q),
+        ("model.attention_block_k", model.attention_block_k),
     ]:
         if value <= 0:
             _fail(f"{key}={value} must be a positive integer")
@@ -191,6 +198,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
             _fail(f"{key}={value} must be >= 0")
     if model.attention_type not in ATTENTION_TYPES:
         _fail(f"model.attention_type={model.attention_type!r} is unknown; choose one of {sorted(ATTENTION_TYPES)}")
+    if reason := unavailable_reason(model.attention_impl):
+        _fail(f"model.{reason}")
     if model.emb_dim % (2 * model.num_heads):
         _fail(
             f"model.emb_dim={model.emb_dim} is not divisible by 2*model.num_heads={2 * model.num_heads}; "

@@ -1,22 +1,40 @@
 """Benchmark CLI.
 
     python -m diffjax.bench data --config=configs/tiny.py [--batches=500] [--warmup=20]
+    python -m diffjax.bench train_step --emb_dim=256 --num_layers=4 --num_heads=2 --num_kv_heads=2 \\
+        --mlp_dim=640 --vocab_size=256 --seq_len=512 --batch_size=8 --steps=10 [--compare_hf | --hf_only]
 
-The last line printed is `key=value` pairs, the first of them `tokens_per_s`.
+The last line printed is `key=value` pairs, the first of them `tokens_per_s`; `train_step` adds
+`peak_rss_mb`, and with `--compare_hf` ends the line with `hf_tokens_per_s` and `ratio` (diffjax / HF).
+`--hf_only` times the Hugging Face model alone, so that its peak memory is its own.
 """
 
 from absl import flags
 
 from diffjax.cli import UsageError, run_main
 
-BENCHMARKS = ("data",)
-_BATCHES = flags.DEFINE_integer("batches", 500, "Batches to time.")
-_WARMUP = flags.DEFINE_integer("warmup", 20, "Batches to draw before timing.")
+BENCHMARKS = ("data", "train_step")
+_BATCHES = flags.DEFINE_integer("batches", 500, "data: batches to time.")
+_WARMUP = flags.DEFINE_integer("warmup", 20, "data: batches to draw before timing.")
+_EMB_DIM = flags.DEFINE_integer("emb_dim", 256, "train_step: model width E.")
+_NUM_LAYERS = flags.DEFINE_integer("num_layers", 4, "train_step: decoder layers.")
+_NUM_HEADS = flags.DEFINE_integer("num_heads", 2, "train_step: differential heads H (Hugging Face counts 2H).")
+_NUM_KV_HEADS = flags.DEFINE_integer("num_kv_heads", 2, "train_step: key/value heads in diffjax's units.")
+_MLP_DIM = flags.DEFINE_integer("mlp_dim", 640, "train_step: SwiGLU width.")
+_VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 256, "train_step: vocabulary size.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "train_step: tokens per row T.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "train_step: rows per step.")
+_STEPS = flags.DEFINE_integer("steps", 10, "train_step: timed steps per framework (median reported).")
+_WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 2, "train_step: untimed steps first (compilation).")
+_DTYPE = flags.DEFINE_string("dtype", "float32", "train_step: activation dtype.")
+_ATTENTION_IMPL = flags.DEFINE_string("attention_impl", "auto", "train_step: auto, reference, blockwise, pallas.")
+_COMPARE_HF = flags.DEFINE_bool("compare_hf", False, "train_step: also time HF DiffLlamaForCausalLM, alternating.")
+_HF_ONLY = flags.DEFINE_bool("hf_only", False, "train_step: time HF DiffLlamaForCausalLM alone (its own memory).")
+_SCAN_LAYERS = flags.DEFINE_bool("scan_layers", True, "train_step: loop over layers (False unrolls them).")
+_REMAT_POLICY = flags.DEFINE_string("remat_policy", "none", "train_step: none, minimal, full, save_attention.")
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) != 2 or argv[1] not in BENCHMARKS:
-        raise UsageError(f"name one benchmark: {', '.join(BENCHMARKS)} (got {argv[1:]})")
+def bench_data() -> None:
     if _BATCHES.value <= 0 or _WARMUP.value < 0:
         raise UsageError("--batches must be positive and --warmup >= 0")
     from diffjax.bench.data import benchmark_data
@@ -28,6 +46,60 @@ def main(argv: list[str]) -> None:
         f"{config.data.prefetch} prefetch, batch {config.batch_size} x {config.seq_len}"
     )
     print(" ".join(f"{key}={value:.6g}" for key, value in result.items()))
+
+
+def bench_train_step() -> None:
+    if _STEPS.value <= 0 or _WARMUP_STEPS.value < 0:
+        raise UsageError("--steps must be positive and --warmup_steps >= 0")
+    if _COMPARE_HF.value and _HF_ONLY.value:
+        raise UsageError("--compare_hf and --hf_only exclude each other")
+    from diffjax.bench import train_step as bench
+
+    shape = bench.Shape(
+        emb_dim=_EMB_DIM.value,
+        num_layers=_NUM_LAYERS.value,
+        num_heads=_NUM_HEADS.value,
+        num_kv_heads=_NUM_KV_HEADS.value,
+        mlp_dim=_MLP_DIM.value,
+        vocab_size=_VOCAB_SIZE.value,
+        seq_len=_SEQ_LEN.value,
+        batch_size=_BATCH_SIZE.value,
+        dtype=_DTYPE.value,
+        attention_impl=_ATTENTION_IMPL.value,
+        scan_layers=_SCAN_LAYERS.value,
+        remat_policy=_REMAT_POLICY.value,
+    )
+    bench.bench_config(shape)  # a bad shape fails here, before anything is built
+    steps = {}
+    if not _HF_ONLY.value:
+        bench.use_cpu_cores_as_devices()
+        steps["diffjax"] = bench.diffjax_step(shape)
+    if _COMPARE_HF.value or _HF_ONLY.value:
+        from diffjax.bench.hf import hf_step
+
+        steps["hf"] = hf_step(shape)
+    seconds = bench.run_alternating(steps, _WARMUP_STEPS.value, _STEPS.value)
+    rates = {name: bench.median_tokens_per_s(times, shape) for name, times in seconds.items()}
+    print(
+        f"train_step: E={shape.emb_dim} layers={shape.num_layers} H={shape.num_heads} Hkv={shape.num_kv_heads} "
+        f"mlp={shape.mlp_dim} vocab={shape.vocab_size} batch {shape.batch_size} x {shape.seq_len} {shape.dtype}, "
+        f"attention_impl={shape.attention_impl} scan_layers={shape.scan_layers} remat={shape.remat_policy}, "
+        f"median of {_STEPS.value} steps"
+    )
+    if "diffjax" in steps:
+        print(f"diffjax: data-parallel over {bench.data_parallel_devices(shape.batch_size)} device(s)")
+    for name, times in seconds.items():
+        print(f"{name}: tokens_per_s={rates[name]:.6g} step_s min={min(times):.4g} max={max(times):.4g}")
+    last = f"tokens_per_s={next(iter(rates.values())):.6g} peak_rss_mb={bench.peak_rss_mb():.6g}"
+    if len(rates) == 2:
+        last += f" hf_tokens_per_s={rates['hf']:.6g} ratio={rates['diffjax'] / rates['hf']:.6g}"
+    print(last)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2 or argv[1] not in BENCHMARKS:
+        raise UsageError(f"name one benchmark: {', '.join(BENCHMARKS)} (got {argv[1:]})")
+    {"data": bench_data, "train_step": bench_train_step}[argv[1]]()
 
 
 if __name__ == "__main__":

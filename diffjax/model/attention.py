@@ -13,9 +13,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from diffjax import ops
 from diffjax.model.layers import RMSNorm, apply_rope, dense, param
 from diffjax.model.model_config import ModelConfig
+from diffjax.ops.dispatch import AttentionCore
 from diffjax.parallel.sharding import constrain
 
 ATTENTION_OUTPUT = "attention_output"  # checkpoint name of the attention core's result (remat policies)
@@ -32,10 +32,12 @@ class LayerConstants(NamedTuple):
 
 
 class _ProjectedAttention(nnx.Module):
-    """Base of every attention layer: q/k/v projections split into heads, RoPE on queries and keys."""
+    """Base of every attention layer: q/k/v projections split into heads, RoPE on queries and keys, and the
+    attention core chosen by `cfg.attention_impl`."""
 
     def __init__(self, cfg: ModelConfig, num_q: int, num_kv: int, *, rngs: nnx.Rngs):
         linear = functools.partial(dense, cfg, rngs=rngs)
+        self.core = AttentionCore(cfg.attention_impl, cfg.attention_block_q, cfg.attention_block_k)
         self.head_dim = cfg.head_dim
         self.rope_theta = cfg.rope_theta
         self.q_proj = linear(cfg.emb_dim, num_q * cfg.head_dim, ("embed", "heads"))
@@ -92,7 +94,7 @@ class DiffAttention(_ProjectedAttention):
         h, g = self.num_heads, self.num_kv_heads
         values = jnp.concatenate([v[:, :, :g], v[:, :, g:]], axis=-1)
         lam = self.lambda_full(layer.lambda_init, x.dtype)
-        out = ops.diff_attention(q[:, :, :h], q[:, :, h:], k[:, :, :g], k[:, :, g:], values, lam, segment_ids)
+        out = self.core.diff_attention(q[:, :, :h], q[:, :, h:], k[:, :, :g], k[:, :, g:], values, lam, segment_ids)
         out = checkpoint_name(out, ATTENTION_OUTPUT)
         out = (self.subln(out).astype(jnp.float32) * layer.output_scale).astype(x.dtype)
         return self.o_proj(out.reshape(*x.shape[:2], -1))
@@ -115,7 +117,7 @@ class DiffAttentionV2(_ProjectedAttention):
     ) -> jax.Array:
         del layer  # v2 has no lambda_init and no output scale
         q, k, v = self.project(x, positions)
-        attn = checkpoint_name(ops.attention(q, k, v, segment_ids), ATTENTION_OUTPUT)
+        attn = checkpoint_name(self.core.attention(q, k, v, segment_ids), ATTENTION_OUTPUT)
         lam = jax.nn.sigmoid(self.lambda_proj(x).astype(jnp.float32)).astype(x.dtype)
         out = attn[:, :, 0::2] - lam[..., None] * attn[:, :, 1::2]
         return self.o_proj(out.reshape(*x.shape[:2], -1))
@@ -137,7 +139,7 @@ class StandardAttention(_ProjectedAttention):
     ) -> jax.Array:
         del layer  # no differential terms
         q, k, v = self.project(x, positions)
-        out = checkpoint_name(ops.attention(q, k, v, segment_ids), ATTENTION_OUTPUT)
+        out = checkpoint_name(self.core.attention(q, k, v, segment_ids), ATTENTION_OUTPUT)
         return self.o_proj(out.reshape(*x.shape[:2], -1))
 
 

@@ -86,7 +86,9 @@ class DiffTransformer(nnx.Module):
         if self.cfg.remat_policy != "none":
             block_call = nnx.remat(block_call, policy=REMAT_POLICIES[self.cfg.remat_policy])
 
-        @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry, transform_metadata=LAYER_AXIS)
+        unroll = 1 if self.cfg.scan_layers else self.cfg.num_layers
+
+        @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry, transform_metadata=LAYER_AXIS, unroll=unroll)
         def run_layers(x: jax.Array, block: Block, layer: LayerConstants) -> jax.Array:
             return constrain(block_call(block, x, positions, segment_ids, layer), ACTIVATIONS)
 

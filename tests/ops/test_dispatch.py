@@ -1,0 +1,119 @@
+"""The attention dispatcher: `auto` picks an implementation that works, explicit requests are obeyed or refused
+with the reason, and every implementation keeps padding rows at exactly zero with zero gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REPO, load_config
+
+from diffjax.config import ConfigError, validate
+from diffjax.ops import reference
+from diffjax.ops.dispatch import IMPLEMENTATIONS, AttentionCore, AttentionImplError, resolve
+
+RUNNABLE = [impl for impl in IMPLEMENTATIONS if impl != "pallas"]
+
+
+def _diff_inputs(length: int, dtype=jnp.float32, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    q1, q2 = (rng.standard_normal((2, length, 4, 8)) for _ in range(2))
+    k1, k2 = (rng.standard_normal((2, length, 2, 8)) for _ in range(2))
+    v = rng.standard_normal((2, length, 2, 16))
+    return tuple(jnp.asarray(x, dtype) for x in (q1, q2, k1, k2, v, 0.6))
+
+
+@pytest.mark.parametrize("length", [1, 128, 2047, 2048, 65536])
+def test_auto_on_cpu_is_blockwise_at_every_length(length):
+    assert resolve("auto", length, jnp.float32, "cpu") == "blockwise"
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_auto_on_accelerators_is_dense_for_short_rows_and_blockwise_for_long_ones(platform):
+    assert resolve("auto", 2047, jnp.bfloat16, platform) == "reference"
+    assert resolve("auto", 2048, jnp.bfloat16, platform) == "blockwise"
+
+
+@pytest.mark.parametrize("impl", ["reference", "blockwise"])
+def test_an_explicit_choice_is_obeyed_on_every_platform(impl):
+    for platform in ("cpu", "gpu", "tpu"):
+        for length in (1, 4096):
+            assert resolve(impl, length, jnp.float32, platform) == impl
+
+
+def test_pallas_is_refused_with_the_reason_and_the_alternatives():
+    with pytest.raises(AttentionImplError, match="not implemented yet") as error:
+        resolve("pallas", 128, jnp.float32, "tpu")
+    assert "['auto', 'reference', 'blockwise']" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_unknown_implementation_and_integer_inputs_are_refused():
+    with pytest.raises(AttentionImplError, match="unknown; choose one of"):
+        resolve("flash", 128, jnp.float32, "cpu")
+    with pytest.raises(AttentionImplError, match="floating-point inputs, got int32"):
+        resolve("auto", 128, jnp.int32, "cpu")
+
+
+def test_a_layer_asked_for_pallas_raises_instead_of_falling_back():
+    with pytest.raises(AttentionImplError, match="pallas"):
+        AttentionCore("pallas", 128, 128).diff_attention(*_diff_inputs(8))
+
+
+@pytest.mark.parametrize(("dtype", "length"), [(jnp.float32, 130), (jnp.bfloat16, 7), (jnp.float16, 1)])
+def test_auto_on_cpu_runs_and_matches_the_reference(dtype, length):
+    """`auto` never picks an implementation that fails: forward and gradients run and agree with the reference."""
+    args = _diff_inputs(length, dtype)
+    core = AttentionCore("auto", 64, 32)
+
+    def loss(fn, args):
+        return jnp.sum(fn(*args).astype(jnp.float32) ** 2)
+
+    ours, ours_grads = jax.jit(jax.value_and_grad(lambda a: loss(core.diff_attention, a)))(args)
+    theirs = jax.jit(lambda a: loss(reference.diff_attention, a))(args)
+    assert all(np.all(np.isfinite(np.asarray(g, np.float32))) for g in ours_grads)
+    np.testing.assert_allclose(float(ours), float(theirs), rtol=1e-4 if dtype == jnp.float32 else 5e-2)
+    plain = jax.jit(core.attention)(args[0], args[2], args[4])
+    np.testing.assert_allclose(
+        np.asarray(plain, np.float32),
+        np.asarray(reference.attention(args[0], args[2], args[4]), np.float32),
+        rtol=1e-4 if dtype == jnp.float32 else 5e-2,
+        atol=1e-4 if dtype == jnp.float32 else 5e-2,
+    )
+
+
+@pytest.mark.parametrize("impl", RUNNABLE)
+@pytest.mark.parametrize("differential", [True, False])
+def test_fully_masked_rows_give_zeros_and_zero_gradients_through_the_dispatcher(impl, differential):
+    args = _diff_inputs(10)
+    if not differential:
+        args = (args[0], args[2], args[4])
+    core = AttentionCore(impl, 4, 3)
+    fn = core.diff_attention if differential else core.attention
+    segment_ids = jnp.array([[1, 1, 2, 2, 2, 0, 0, 0, 0, 0], [0] * 10])
+
+    out = jax.jit(fn)(*args, segment_ids)
+    grads = jax.jit(jax.grad(lambda a: jnp.sum(jnp.sin(fn(*a, segment_ids)))))(args)
+    out = np.asarray(out)
+    assert np.all(out[0, 5:] == 0) and np.all(out[1] == 0) and np.all(np.abs(out[0, :5]) > 0)
+    for grad in grads[: len(args) - differential]:  # arrays with a time axis; the last differential arg is lam
+        grad = np.asarray(grad)
+        assert np.all(np.isfinite(grad)) and np.all(grad[0, 5:] == 0) and np.all(grad[1] == 0)
+        assert np.any(grad[0, :5] != 0)
+    if differential:
+        assert np.isfinite(float(grads[-1])) and float(grads[-1]) != 0
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("attention_impl", "pallas", "model.attention_impl='pallas' is not implemented yet"),
+        ("attention_impl", "flash", "model.attention_impl='flash' is unknown; choose one of"),
+        ("attention_block_q", 0, "model.attention_block_q=0 must be a positive integer"),
+        ("attention_block_k", -8, "model.attention_block_k=-8 must be a positive integer"),
+    ],
+)
+def test_config_rejects_unusable_attention_settings_in_one_line(key, value, message):
+    config = load_config(REPO / "configs" / "tiny.py")
+    config.model[key] = value
+    with pytest.raises(ConfigError) as error:
+        validate(config)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
