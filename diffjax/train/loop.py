@@ -96,7 +96,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, float]:
 
 @dataclasses.dataclass
 class _Session:
-    """What the steps of one invocation share: metrics, checkpoints and the stop request."""
+    """What the steps of one invocation share: validation data, metrics and checkpoints."""
 
     config: ml_collections.ConfigDict
     trainer: Trainer
