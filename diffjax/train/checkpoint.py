@@ -241,9 +241,10 @@ def find_checkpoint(path: str | Path, abstract_params: nnx.State | None = None) 
     """
     path = Path(path).expanduser()
     if path.name.isdigit() and (path / "params").is_dir():
-        return path.parent, int(path.name)
-    directory = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
-    step = _manager(directory).latest_step() if directory.is_dir() else None
+        directory, step = path.parent, int(path.name)
+    else:
+        directory = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
+        step = _manager(directory).latest_step() if directory.is_dir() else None
     if step is None:
         raise ConfigError(
             f"no checkpoint at {path}; give a workdir, its checkpoints/ directory or one step's directory"

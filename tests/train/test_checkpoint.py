@@ -232,9 +232,10 @@ def test_a_model_that_does_not_fit_the_checkpoint_is_rejected_and_nothing_change
     assert tree_digest(finished_run) == before
 
     fresh = tmp_path / "finetune"  # the same check for init_from, before the new workdir exists
-    result = train(fresh, data_dir, "--config.model.mlp_dim=384", f"--config.init_from={finished_run}")
-    assert result.returncode == 2 and re.search(mismatch, result.stderr.strip().splitlines()[-1])
-    assert not fresh.exists()
+    for source in (finished_run, finished_run / "checkpoints" / "12"):
+        result = train(fresh, data_dir, "--config.model.mlp_dim=384", f"--config.init_from={source}")
+        assert result.returncode == 2 and re.search(mismatch, result.stderr.strip().splitlines()[-1])
+        assert not fresh.exists()
 
 
 def test_checkpoints_restore_on_other_meshes_and_init_from_starts_fresh(data_dir, tmp_path):
