@@ -116,8 +116,8 @@ def base_config() -> ml_collections.ConfigDict:
             remat_policy="none",
             scan_layers=True,  # False unrolls the layer loop (faster small models on CPU, slower compiles)
             attention_impl="auto",  # auto, reference, blockwise or pallas (diffjax.ops.dispatch)
-            attention_block_q=128,  # blockwise tile sizes (queries, keys)
-            attention_block_k=128,
+            attention_block_q=0,  # query/key tile sizes, powers of two; 0: the core's default (blockwise 128,
+            attention_block_k=0,  # pallas per chip: diffjax.ops.pallas_tpu / pallas_gpu default_blocks)
         )
     )
     return config
@@ -184,11 +184,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("model.num_heads", model.num_heads),
         ("model.num_kv_heads", model.num_kv_heads),
         ("model.mlp_dim", model.mlp_dim),
-        ("model.attention_block_q", model.attention_block_q),
-        ("model.attention_block_k", model.attention_block_k),
     ]:
         if value <= 0:
             _fail(f"{key}={value} must be a positive integer")
+    for key in ("attention_block_q", "attention_block_k"):
+        value = model[key]
+        if value < 0 or value & (value - 1):
+            _fail(f"model.{key}={value} must be a power of two (e.g. 128, 512), or 0 for the default tiles")
     for key, value in [
         ("warmup_steps", config.warmup_steps),
         ("eval_every_steps", config.eval_every_steps),

@@ -40,8 +40,8 @@ class ModelConfig:
     # gradients (about 15% of a small model's CPU step), at the price of compile time growing with depth.
     scan_layers: bool = True
     attention_impl: AttentionImpl = "auto"  # the attention core (diffjax.ops.dispatch)
-    attention_block_q: int = 128  # blockwise query/key tile sizes
-    attention_block_k: int = 128
+    attention_block_q: int = 0  # query/key tile sizes of the attention core (0: its default)
+    attention_block_k: int = 0
 
     @property
     def head_dim(self) -> int:

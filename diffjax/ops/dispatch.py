@@ -1,32 +1,36 @@
 """Choose the attention core: `model.attention_impl` in `auto`, `reference`, `blockwise`, `pallas`.
 
 An explicit choice is obeyed or refused with the reason (`AttentionImplError`, a one-line usage error),
-never swapped for another implementation behind the caller's back. `auto` picks, at trace time, the
-fastest implementation that exists and supports the platform, dtype and sequence length:
+never swapped for another implementation behind the caller's back. `auto` picks, at trace time:
 
-- `pallas` (fused kernels, issue 7) does not exist yet, so `auto` chooses between the two XLA cores.
-- CPU, measured on full training steps (docs/benchmarks.md, "Choosing the attention core"): blockwise with
-  128 x 128 tiles beats the dense reference at every length tried, T = 128 (8% faster), 256 (7%), 512
-  (28%) and 2048 (2.5x): it skips the tiles above the causal diagonal and never writes T x T
-  probabilities to memory. So `auto` is blockwise on CPU at every T.
-- GPU/TPU: not measured yet. The dense reference below `DENSE_BELOW` (large fused matmuls suit
-  accelerators, and its T x T memory is still small), blockwise from there on (linear memory).
+- TPU and GPU: `pallas`, the fused kernels (`diffjax.ops.pallas`): one pass over K/V for both softmaxes,
+  linear memory, masked tiles skipped.
+- CPU: `blockwise`. Measured on full training steps (docs/benchmarks.md, "Choosing the attention core"),
+  128 x 128 tiles beat the dense reference at every length tried, T = 128 (8% faster), 256 (7%), 512
+  (28%) and 2048 (2.5x). Pallas kernels only run interpreted on CPU (correct, slow: for tests).
 
-The platform is the default backend at trace time; an AOT compilation for another platform (TPU topologies
-compiled on a CPU host) gets the CPU rule, which is exact there too, only perhaps not the fastest.
+The platform is that of the devices of the mesh being traced for (`activation_sharding`), so an AOT
+compilation for a TPU topology on a CPU host gets the TPU kernels; outside a mesh, the default backend.
+
+Inside a mesh the Pallas call runs under `jax.shard_map` (Mosaic and Triton kernels are not partitioned
+automatically): batch split as the `act_batch` rule says, heads as `act_heads`, each device attending
+its own heads of its own sequences. Attention needs whole rows, so `act_length` must stay unsharded.
 """
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from diffjax.cli import UsageError
-from diffjax.ops import blockwise, reference
+from diffjax.ops import blockwise, pallas, reference
+from diffjax.parallel.sharding import active_sharding, axis_size, logical_spec
 
 IMPLEMENTATIONS = ("auto", "reference", "blockwise", "pallas")
-DENSE_BELOW = 2048  # accelerators: `auto` runs the dense reference below this sequence length
-_CORES = {"reference": reference, "blockwise": blockwise}
+BLOCKWISE_BLOCK = 128  # blockwise tiles when the config leaves them at 0 (fastest measured on CPU)
+_XLA_CORES = {"reference": reference, "blockwise": blockwise}
 
 
 class AttentionImplError(UsageError):
@@ -34,20 +38,14 @@ class AttentionImplError(UsageError):
 
 
 def unavailable_reason(impl: str) -> str | None:
-    """Why `impl` can never be used in this build (unknown, or not implemented yet), or None."""
+    """Why `impl` can never be used in this build, or None."""
     if impl not in IMPLEMENTATIONS:
         return f"attention_impl={impl!r} is unknown; choose one of {list(IMPLEMENTATIONS)}"
-    if impl == "pallas":
-        return (
-            "attention_impl='pallas' is not implemented yet (fused Pallas kernels come with issue 7); "
-            f"available: {['auto', *_CORES]}"
-        )
     return None
 
 
-def resolve(impl: str, length: int, dtype: jnp.dtype, platform: str) -> str:
-    """The implementation that runs sequence length `length` in `dtype` on `platform` (`cpu`, `gpu`, `tpu`):
-    `impl` itself unless it is `auto`."""
+def resolve(impl: str, dtype: jnp.dtype, platform: str) -> str:
+    """The implementation that runs `dtype` inputs on `platform` (`cpu`, `gpu`, `tpu`): `impl` unless `auto`."""
     reason = unavailable_reason(impl)
     if reason:
         raise AttentionImplError(reason)
@@ -55,24 +53,25 @@ def resolve(impl: str, length: int, dtype: jnp.dtype, platform: str) -> str:
         raise AttentionImplError(f"attention_impl={impl!r} needs floating-point inputs, got {jnp.dtype(dtype)}")
     if impl != "auto":
         return impl
-    return "reference" if platform != "cpu" and length < DENSE_BELOW else "blockwise"
+    return "pallas" if platform in pallas.KERNELS else "blockwise"
+
+
+def target_platform() -> str:
+    """The platform being compiled for: the active mesh's devices, else the default backend."""
+    active = active_sharding()
+    return active[0].devices.flat[0].platform if active else jax.default_backend()
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionCore:
-    """The attention cores a layer calls, bound to one `attention_impl` and blockwise tile sizes.
+    """The attention cores a layer calls, bound to one `attention_impl` and tile sizes (0: the core's default).
 
     Frozen and hashable, so a module can hold it as static structure.
     """
 
     impl: str
-    block_q: int
-    block_k: int
-
-    def _options(self, q: jax.Array) -> tuple[object, dict[str, int]]:
-        name = resolve(self.impl, q.shape[1], q.dtype, jax.default_backend())
-        options = {"block_q": self.block_q, "block_k": self.block_k} if name == "blockwise" else {}
-        return _CORES[name], options
+    block_q: int = 0
+    block_k: int = 0
 
     def diff_attention(
         self,
@@ -85,10 +84,60 @@ class AttentionCore:
         segment_ids: jax.Array | None = None,
     ) -> jax.Array:
         """`reference.diff_attention`'s contract, computed by the chosen core."""
-        core, options = self._options(q1)
-        return core.diff_attention(q1, q2, k1, k2, v, lam, segment_ids, **options)
+        return self._call("diff_attention", (q1, q2, k1, k2, v), (lam,), segment_ids)
 
     def attention(self, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         """`reference.attention`'s contract, computed by the chosen core."""
-        core, options = self._options(q)
-        return core.attention(q, k, v, segment_ids, **options)
+        return self._call("attention", (q, k, v), (), segment_ids)
+
+    def _call(
+        self, name: str, heads: tuple[jax.Array, ...], scalars: tuple[jax.Array, ...], segment_ids: jax.Array | None
+    ) -> jax.Array:
+        """Run core function `name` on `[B, T, H, d]` arrays `heads`, replicated `scalars` and segment ids."""
+        platform = target_platform()
+        impl = resolve(self.impl, heads[0].dtype, platform)
+        if impl != "pallas":
+            tiles = {"block_q": self.block_q or BLOCKWISE_BLOCK, "block_k": self.block_k or BLOCKWISE_BLOCK}
+            core = getattr(_XLA_CORES[impl], name)
+            return core(*heads, *scalars, segment_ids, **(tiles if impl == "blockwise" else {}))
+        q = heads[0]
+        try:
+            kernel = pallas.kernel_for(platform, q.shape[-1], q.dtype, self.block_q, self.block_k)
+        except ValueError as error:
+            raise AttentionImplError(f"attention_impl='pallas': {error}") from None
+        fused = getattr(pallas, name)
+
+        def run(*args: jax.Array) -> jax.Array:
+            return fused(*args, kernel=kernel)
+
+        args = (*heads, *scalars) if segment_ids is None else (*heads, *scalars, segment_ids)
+        return _per_shard(run, heads, len(scalars), segment_ids is not None)(*args)
+
+
+def _per_shard(
+    fn: Callable[..., jax.Array], heads: tuple[jax.Array, ...], num_scalars: int, with_segments: bool
+) -> Callable[..., jax.Array]:
+    """`fn` under `jax.shard_map` over the active mesh (batch and heads split by the rules), or `fn` itself
+    outside a mesh."""
+    active = active_sharding()
+    if active is None:
+        return fn
+    mesh, rules = active
+    batch, length, head_axes = logical_spec(("act_batch", "act_length", "act_heads"), rules)
+    if length is not None:
+        raise AttentionImplError(
+            f"attention_impl='pallas' needs whole sequences per device, but the rule for act_length shards "
+            f"them over {length!r}; map act_length to None in config.sharding_rules"
+        )
+    ways = axis_size(mesh, head_axes)
+    for x in heads:
+        if x.shape[2] % ways:
+            raise AttentionImplError(
+                f"attention_impl='pallas' splits heads {ways} ways over mesh axes {head_axes!r}, but an input has "
+                f"{x.shape[2]} heads; use a head count (model.num_kv_heads) divisible by {ways}, or another mesh"
+            )
+    per_head = PartitionSpec(batch, None, head_axes, None)
+    in_specs = (per_head,) * len(heads) + (PartitionSpec(),) * num_scalars
+    if with_segments:
+        in_specs += (PartitionSpec(batch, None),)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=per_head, check_vma=False)

@@ -7,6 +7,7 @@ maps those names onto the mesh axes `data, fsdp, tensor`, and this module applie
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -58,6 +59,17 @@ def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+def axis_size(mesh: Mesh, axes: str | tuple[str, ...] | None) -> int:
+    """How many ways a dimension mapped to mesh `axes` (one spec entry) is split."""
+    names = (axes,) if isinstance(axes, str) else axes or ()
+    return math.prod(mesh.shape[name] for name in names)
+
+
+def active_sharding() -> tuple[Mesh, Rules] | None:
+    """The mesh and rules of the enclosing `activation_sharding`, or None outside one."""
+    return _ACTIVE.get()
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:

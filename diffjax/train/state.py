@@ -1,7 +1,6 @@
 """The sharded train state and the compiled steps: parameters are born sharded, never whole on one host."""
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -13,7 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffjax.config import ConfigError, model_config
 from diffjax.model import DiffTransformer
-from diffjax.parallel.sharding import as_rules, logical_spec, tree_shardings, with_shardings
+from diffjax.parallel.sharding import as_rules, axis_size, logical_spec, tree_shardings, with_shardings
 from diffjax.train.optimizer import make_optimizer
 from diffjax.train.step import StepOptions, TrainState, eval_step, train_step
 
@@ -67,7 +66,7 @@ def check_divisible(shapes: nnx.State, shardings: nnx.State) -> None:
         jax.tree_util.tree_flatten_with_path(shapes)[0], jax.tree.leaves(shardings), strict=True
     ):
         for size, axes in zip(shape.shape, sharding.spec, strict=False):
-            ways = math.prod(sharding.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+            ways = axis_size(sharding.mesh, axes)
             if size % ways:
                 name = jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value")
                 raise ConfigError(

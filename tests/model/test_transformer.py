@@ -117,3 +117,17 @@ def test_bfloat16_compute_keeps_float32_parameters(tiny_model_config):
     logits = model(jnp.zeros((1, 8), jnp.int32))
     assert logits.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(logits, np.float32)))
     assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.float32)}
+
+
+@pytest.mark.parametrize("attention_type", ["diff", "diff_v2"])
+def test_the_fused_pallas_kernels_give_the_reference_loss_and_gradients(tiny_model_config, attention_type):
+    """The kernels inside the real layers (interpreted on CPU), not only alone: two layers, GQA, packed rows."""
+
+    def loss_and_grads(impl):
+        cfg = dataclasses.replace(tiny_model_config, attention_type=attention_type, attention_impl=impl)
+        graphdef, params = nnx.split(DiffTransformer(cfg, rngs=nnx.Rngs(0)))
+        loss = jax.value_and_grad(lambda p: loss_and_count(p, graphdef, _batch(cfg.vocab_size, length=24))[0])
+        return jax.jit(loss)(params)
+
+    expected, actual = loss_and_grads("reference"), loss_and_grads("pallas")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), actual, expected)
