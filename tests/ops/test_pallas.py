@@ -2,6 +2,11 @@
 simulator) against the reference, outputs and every gradient including lambda's."""
 
 import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import hypothesis.strategies as st
 import jax
@@ -124,3 +129,16 @@ def test_tile_sizes_are_powers_of_two_and_zero_means_the_default(blocks, message
     else:
         kernel = pallas.kernel_for("tpu", 128, jnp.bfloat16, *blocks)
         assert (kernel.block_q, kernel.block_k, kernel.interpret) == (128, 512, False)
+
+
+def test_under_shard_map_on_a_mesh_the_gradients_match_one_device():
+    """Batch over fsdp and heads over tensor (2 x 2 CPU devices): outputs and gradients, lambda's summed over
+    the shards, equal the single-device reference."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    script = Path(__file__).with_name("sharded_attention.py")
+    result = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+    for name, error in report["max_errors"].items():
+        assert error < 1e-4, (name, error)
