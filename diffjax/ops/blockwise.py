@@ -23,7 +23,7 @@ FlashAttention, and differential attention saves one extra `[B, T, H, 2d]` array
 
 Standard attention is the same code with one branch: the core handles `n` branches combined as
 `o_1 + sum_b w_b o_b` (differential: `n = 2`, `w = [-lam]`; standard: `n = 1`, `w = []`). Fully masked
-rows (padding) keep the finite running max `_EMPTY`, so they get zero probabilities, outputs and
+rows (padding) keep the finite running max `EMPTY`, so they get zero probabilities, outputs and
 gradients, never NaN.
 
 Blocked layout (query blocks of `bq` rows, key blocks of `bk`, `G` kv heads, `R` query heads per kv
@@ -36,11 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# Logit of a forbidden (query, key) pair.
-_MASKED = jnp.finfo(jnp.float32).min
-# Running max (and log-sum-exp) of a row that has seen no allowed key: finite and far above _MASKED, so
-# exp(_MASKED - _EMPTY) == 0 and a fully masked row gets zero probabilities and gradients, never NaN.
-_EMPTY = -1e30
+from diffjax.ops.tiles import EMPTY, MASKED
 
 
 def attention(
@@ -135,12 +131,12 @@ def _dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _logits(q: jax.Array, k: jax.Array, q_seg: jax.Array, k_seg: jax.Array, i: jax.Array, j: jax.Array) -> jax.Array:
-    """Scaled float32 logits `[n, B, G, bq, R, bk]` of tile (i, j); `_MASKED` where causality or segments forbid."""
+    """Scaled float32 logits `[n, B, G, bq, R, bk]` of tile (i, j); `MASKED` where causality or segments forbid."""
     bq, bk = q.shape[3], k.shape[3]
     logits = _dot("nbgqrd,nbgkd->nbgqrk", q, k) * q.shape[-1] ** -0.5
     causal = (i * bq + jnp.arange(bq))[:, None] >= (j * bk + jnp.arange(bk))[None, :]
     allowed = causal & (q_seg[:, :, None] == k_seg[:, None, :]) & (q_seg != 0)[:, :, None]
-    return jnp.where(allowed[None, :, None, :, None, :], logits, _MASKED)
+    return jnp.where(allowed[None, :, None, :, None, :], logits, MASKED)
 
 
 def _num_key_blocks(i: jax.Array, bq: int, bk: int, num_k_blocks: int) -> jax.Array:
@@ -182,12 +178,12 @@ def _forward(
             return new_max, rescale * row_sum + probs.sum(axis=-1), rescale[..., None] * acc + pv
 
         init = (
-            jnp.full(rows, _EMPTY, jnp.float32),
+            jnp.full(rows, EMPTY, jnp.float32),
             jnp.zeros(rows, jnp.float32),
             jnp.zeros((*rows, v.shape[-1]), jnp.float32),
         )
         row_max, row_sum, acc = lax.fori_loop(0, _num_key_blocks(i, bq, bk, num_k_blocks), key_block, init)
-        row_sum = jnp.where(row_sum > 0, row_sum, 1.0)  # empty rows: acc == 0 and lse == _EMPTY
+        row_sum = jnp.where(row_sum > 0, row_sum, 1.0)  # empty rows: acc == 0 and lse == EMPTY
         branches = acc / row_sum[..., None]
         out = _combine(weights, branches[0], branches[1:]).astype(v.dtype)
         return None, (out, branches[1:].astype(v.dtype), row_max + jnp.log(row_sum))

@@ -19,7 +19,7 @@ Structure (FlashAttention-2):
 The `n` branches are combined as `out = o_1 + sum_b weights[b - 1] o_b` (differential: `n = 2`,
 `weights = [-lambda]`; standard attention: `n = 1`), as in `blockwise.py`, whose one-pass XLA algorithm
 this is. Masks (causal, same segment, padding) are applied inside the visited tiles. Fully masked rows
-keep the finite running max `_EMPTY`, so they get zero outputs and gradients, never NaN.
+keep the finite running max `EMPTY`, so they get zero outputs and gradients, never NaN.
 
 Layout (the shared wrapper's contract): heads-major, branches stacked, T a multiple of both block
 sizes. Triton needs power-of-two tiles with matmul dims >= 16, so head dims are zero-padded here to
@@ -33,16 +33,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-# Logit of a forbidden (query, key) pair.
-_MASKED = float(np.finfo(np.float32).min)
-# Running max (and log-sum-exp) of a row that has seen no allowed key: finite and far above _MASKED, so
-# exp(_MASKED - _EMPTY) == 0 and a fully masked row gets zero probabilities and gradients, never NaN.
-_EMPTY = -1e30
+from diffjax.ops.tiles import EMPTY, MASKED, branch_coefficients
+
 # Devices with Hopper-class register files and shared memory (228 KB per SM).
 _HOPPER_CLASS = ("H100", "H200", "H800", "H20", "GH200")
 
@@ -82,14 +78,14 @@ def forward(
     """`(out [B, Hq, T, dv], others [n-1, B, Hq, T, dv], lse [n, B, Hq, T])` of the contract above.
 
     `q [n, B, Hq, T, d]`, `k [n, B, Hkv, T, d]`, `v [B, Hkv, T, dv]`, `segment_ids [B, T]` (0 = padding),
-    `weights [n - 1]`. `lse` is the float32 log-sum-exp of the scaled logits (`_EMPTY` for empty rows).
+    `weights [n - 1]`. `lse` is the float32 log-sum-exp of the scaled logits (`EMPTY` for empty rows).
     """
     n, batch, num_q, length, width = q.shape
     num_kv, dv = k.shape[2], v.shape[-1]
     rep = num_q // num_kv
     qp, kp, vp = _pad_head(q), _pad_head(k), _pad_head(v)
     dp, dvp = qp.shape[-1], vp.shape[-1]
-    coef = _coefficients(weights)
+    coef = branch_coefficients(weights)
 
     out_shape = [jax.ShapeDtypeStruct((batch, num_q, length, dvp), v.dtype)]
     out_specs = [pl.BlockSpec((None, None, block_q, dvp), lambda i, b, h: (b, h, i, 0))]
@@ -135,7 +131,7 @@ def backward(
     rep = num_q // num_kv
     qp, kp, vp, dop = _pad_head(q), _pad_head(k), _pad_head(v), _pad_head(d_out)
     dp, dvp = qp.shape[-1], vp.shape[-1]
-    operands = (_coefficients(weights), segment_ids.astype(jnp.int32), qp, kp, vp, dop, lse, deltas)
+    operands = (branch_coefficients(weights), segment_ids.astype(jnp.int32), qp, kp, vp, dop, lse, deltas)
     params = _compiler_params(block_q, block_k, dvp)
     scale = width**-0.5
 
@@ -211,11 +207,6 @@ def _pad_head(x: jax.Array) -> jax.Array:
     return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)]) if extra else x
 
 
-def _coefficients(weights: jax.Array) -> jax.Array:
-    """Per-branch output coefficients `[1, *weights]` (float32, length n)."""
-    return jnp.concatenate([jnp.ones((1,), jnp.float32), weights.astype(jnp.float32)])
-
-
 def _compiler_params(block_q: int, block_k: int, value_width: int) -> plgpu.CompilerParams:
     """Triton launch parameters: 8 warps once a tile or the value accumulator is large, else 4."""
     large = max(block_q, block_k) >= 128 or value_width >= 256
@@ -237,8 +228,8 @@ def _allowed(q_seg: jax.Array, k_seg: jax.Array, q_start: jax.Array, k_start: ja
 
 
 def _logits(q: jax.Array, k: jax.Array, allowed: jax.Array, scale: float) -> jax.Array:
-    """Scaled float32 logits `q k^T * scale` of a tile, `_MASKED` where not allowed."""
-    return jnp.where(allowed, _dot(q, k, (1, 1)) * scale, _MASKED)
+    """Scaled float32 logits `q k^T * scale` of a tile, `MASKED` where not allowed."""
+    return jnp.where(allowed, _dot(q, k, (1, 1)) * scale, MASKED)
 
 
 def _forward_kernel(coef_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, *rest_refs, scale: float, block_k: int):
@@ -246,7 +237,7 @@ def _forward_kernel(coef_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, *rest_refs,
     *others_ref, lse_ref = rest_refs
     n, block_q = q_ref.shape[0], q_ref.shape[1]
     i = pl.program_id(0)
-    coefs = _load_coefficients(coef_ref)
+    coefs = _loadbranch_coefficients(coef_ref)
     queries = [q_ref[b] for b in range(n)]
     q_seg = seg_ref[pl.ds(i * block_q, block_q)]
 
@@ -265,14 +256,14 @@ def _forward_kernel(coef_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, *rest_refs,
         return tuple(updated)
 
     init = (
-        jnp.full((block_q,), _EMPTY, jnp.float32),
+        jnp.full((block_q,), EMPTY, jnp.float32),
         jnp.zeros((block_q,), jnp.float32),
         jnp.zeros((block_q, v_ref.shape[-1]), jnp.float32),
     )
     final = lax.fori_loop(0, _num_key_blocks(i, block_q, block_k), key_block, (init,) * n)
     out = None
     for b, (row_max, row_sum, acc) in enumerate(final):
-        row_sum = jnp.where(row_sum > 0, row_sum, 1.0)  # empty rows: acc == 0 and lse == _EMPTY
+        row_sum = jnp.where(row_sum > 0, row_sum, 1.0)  # empty rows: acc == 0 and lse == EMPTY
         branch = acc / row_sum[:, None]
         lse_ref[b] = row_max + jnp.log(row_sum)
         if b == 0:
@@ -302,7 +293,7 @@ def _dkdv_kernel(
     n, block_k = k_ref.shape[0], k_ref.shape[1]
     rep, length = q_ref.shape[1], q_ref.shape[2]
     j = pl.program_id(0)
-    coefs = _load_coefficients(coef_ref)
+    coefs = _loadbranch_coefficients(coef_ref)
     keys = [k_ref[b] for b in range(n)]
     v = v_ref[...]
     k_seg = seg_ref[pl.ds(j * block_k, block_k)]
@@ -342,7 +333,7 @@ def _dq_kernel(
     """One query block of one head: dQ_b over the key blocks up to the diagonal."""
     n, block_q = q_ref.shape[0], q_ref.shape[1]
     i = pl.program_id(0)
-    coefs = _load_coefficients(coef_ref)
+    coefs = _loadbranch_coefficients(coef_ref)
     queries = [q_ref[b] for b in range(n)]
     d_out = do_ref[...]
     q_seg = seg_ref[pl.ds(i * block_q, block_q)]
@@ -362,7 +353,7 @@ def _dq_kernel(
         dq_ref[b] = d_queries[b].astype(dq_ref.dtype)
 
 
-def _load_coefficients(coef_ref) -> list:
+def _loadbranch_coefficients(coef_ref) -> list:
     """Branch coefficients `[1, w_1, ...]`; the first is the constant 1 (no load, no multiply)."""
     return [1.0] + [coef_ref[b] for b in range(1, coef_ref.shape[0])]
 

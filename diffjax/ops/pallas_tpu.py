@@ -26,11 +26,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from diffjax.ops.tiles import EMPTY, MASKED, branch_coefficients
+
 LANES, SUBLANES = 128, 8
-# Logit of a forbidden (query, key) pair, and the running max of a row that has seen no allowed key: finite
-# and far above the former, so a fully masked row gets zero probabilities and gradients, never NaN.
-_MASKED = float(jnp.finfo(jnp.float32).min)
-_EMPTY = -1e30
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
 _NN = (((1,), (0,)), ((), ()))  # a @ b
@@ -45,11 +43,8 @@ def default_blocks(head_dim: int, dtype: jnp.dtype) -> tuple[int, int]:
     return 512, 512
 
 
-def _dot(a: jax.Array, b: jax.Array, dims, interpret: Interpret) -> jax.Array:
-    """Matmul with float32 accumulation. Interpreted on CPU, operands are upcast (exactly): XLA:CPU has no
-    bf16 x bf16 -> f32 dot."""
-    if interpret:
-        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+def _dot(a: jax.Array, b: jax.Array, dims) -> jax.Array:
+    """Matmul with float32 accumulation (bfloat16 operands stay bfloat16 on the MXU)."""
     return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
@@ -70,8 +65,8 @@ def _allowed(i: jax.Array, j: jax.Array, q_seg: jax.Array, k_seg: jax.Array, bq:
     return (rows >= cols) & (q_seg == k_seg) & (q_seg != 0)
 
 
-def _logits(q: jax.Array, k: jax.Array, allowed: jax.Array, scale: float, interpret: Interpret) -> jax.Array:
-    return jnp.where(allowed, _dot(q, k, _NT, interpret) * scale, _MASKED)
+def _logits(q: jax.Array, k: jax.Array, allowed: jax.Array, scale: float) -> jax.Array:
+    return jnp.where(allowed, _dot(q, k, _NT) * scale, MASKED)
 
 
 def _segment_layouts(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -86,18 +81,13 @@ def _rows(x: jax.Array) -> jax.Array:
     return jnp.broadcast_to(x[..., None], (*x.shape, LANES))
 
 
-def _coefficients(weights: jax.Array) -> jax.Array:
-    """`[1, *weights]`: the factor of each branch in the output (scalars, read from SMEM)."""
-    return jnp.concatenate([jnp.ones((1,), jnp.float32), weights.astype(jnp.float32)])
-
-
-def _forward_kernel(coef_ref, q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, *refs, n, bq, bk, scale, interpret):
+def _forward_kernel(coef_ref, q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, *refs, n, bq, bk, scale):
     out_ref, *others_ref, lse_ref, max_ref, sum_ref, acc_ref = refs
     i, j = pl.program_id(2), pl.program_id(3)
 
     @pl.when(j == 0)
     def _init():
-        max_ref[...] = jnp.full(max_ref.shape, _EMPTY, jnp.float32)
+        max_ref[...] = jnp.full(max_ref.shape, EMPTY, jnp.float32)
         sum_ref[...] = jnp.zeros(sum_ref.shape, jnp.float32)
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
@@ -106,21 +96,21 @@ def _forward_kernel(coef_ref, q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, *refs, 
         allowed = _allowed(i, j, q_seg_ref[...], k_seg_ref[...], bq, bk)
         v = v_ref[...]
         for b in range(n):
-            logits = _logits(q_ref[b], k_ref[b], allowed, scale, interpret)
+            logits = _logits(q_ref[b], k_ref[b], allowed, scale)
             old_max = max_ref[b]
             new_max = jnp.maximum(old_max, logits.max(axis=1, keepdims=True))
             probs = jnp.exp(logits - new_max[:, :1])
             rescale = jnp.exp(old_max - new_max)
             max_ref[b] = new_max
             sum_ref[b] = rescale * sum_ref[b] + probs.sum(axis=1, keepdims=True)
-            acc_ref[b] = rescale[:, :1] * acc_ref[b] + _dot(probs.astype(v.dtype), v, _NN, interpret)
+            acc_ref[b] = rescale[:, :1] * acc_ref[b] + _dot(probs.astype(v.dtype), v, _NN)
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
         out = jnp.zeros(acc_ref.shape[1:], jnp.float32)
         for b in range(n):
             total = sum_ref[b]
-            total = jnp.where(total > 0, total, 1.0)  # empty rows: acc == 0 and lse stays near _EMPTY
+            total = jnp.where(total > 0, total, 1.0)  # empty rows: acc == 0 and lse stays near EMPTY
             branch = acc_ref[b] / total[:, :1]
             out += coef_ref[b] * branch
             if b:
@@ -174,7 +164,7 @@ def forward(
         out_specs.append(pl.BlockSpec((n - 1, None, None, bq, dv), lambda b, h, i, j: (0, b, h, i, 0)))
     out_shape.append(jax.ShapeDtypeStruct((n, batch, num_q, length, LANES), jnp.float32))
     out_specs.append(pl.BlockSpec((n, None, None, bq, LANES), lambda b, h, i, j: (0, b, h, i, 0)))
-    kernel = functools.partial(_forward_kernel, n=n, bq=bq, bk=bk, scale=width**-0.5, interpret=interpret)
+    kernel = functools.partial(_forward_kernel, n=n, bq=bq, bk=bk, scale=width**-0.5)
     outputs = pl.pallas_call(
         kernel,
         grid=(batch, num_q, length // bq, length // bk),
@@ -190,13 +180,13 @@ def forward(
         cost_estimate=_cost(q, k, v, n, "forward"),
         interpret=interpret,
         name="diff_flash_forward",
-    )(_coefficients(weights), q, k, v, *_segment_layouts(segment_ids))
+    )(branch_coefficients(weights), q, k, v, *_segment_layouts(segment_ids))
     out, *others, lse = outputs
     others = others[0] if others else jnp.zeros((0, batch, num_q, length, dv), v.dtype)
     return out, others, lse[..., 0]
 
 
-def _dkv_kernel(*refs, n, bq, bk, scale, interpret):
+def _dkv_kernel(*refs, n, bq, bk, scale):
     coef_ref, q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, q_seg_ref, k_seg_ref, *outputs = refs
     dk_ref, dv_ref, dk_acc, dv_acc = outputs
     j, r, i = pl.program_id(2), pl.program_id(3), pl.program_id(4)
@@ -210,15 +200,15 @@ def _dkv_kernel(*refs, n, bq, bk, scale, interpret):
     def _accumulate():
         allowed = _allowed(i, j, q_seg_ref[...], k_seg_ref[...], bq, bk)
         d_out = d_out_ref[...]
-        d_probs = _dot(d_out, v_ref[...], _NT, interpret)  # dO V^T, once for every branch
+        d_probs = _dot(d_out, v_ref[...], _NT)  # dO V^T, once for every branch
         mixed = jnp.zeros((bq, bk), jnp.float32)
         for b in range(n):
             q = q_ref[b]
-            probs = jnp.exp(_logits(q, k_ref[b], allowed, scale, interpret) - lse_ref[b][:, :1])
+            probs = jnp.exp(_logits(q, k_ref[b], allowed, scale) - lse_ref[b][:, :1])
             mixed += coef_ref[b] * probs
             d_logits = (coef_ref[b] * scale) * probs * (d_probs - delta_ref[b][:, :1])
-            dk_acc[b] += _dot(d_logits.astype(q.dtype), q, _TN, interpret)
-        dv_acc[...] += _dot(mixed.astype(d_out.dtype), d_out, _TN, interpret)  # (P1 - lambda P2)^T dO
+            dk_acc[b] += _dot(d_logits.astype(q.dtype), q, _TN)
+        dv_acc[...] += _dot(mixed.astype(d_out.dtype), d_out, _TN)  # (P1 - lambda P2)^T dO
 
     @pl.when((r == pl.num_programs(3) - 1) & (i == pl.num_programs(4) - 1))
     def _finish():
@@ -226,7 +216,7 @@ def _dkv_kernel(*refs, n, bq, bk, scale, interpret):
         dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
-def _dq_kernel(*refs, n, bq, bk, scale, interpret):
+def _dq_kernel(*refs, n, bq, bk, scale):
     coef_ref, q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, q_seg_ref, k_seg_ref, dq_ref, dq_acc = refs
     i, j = pl.program_id(2), pl.program_id(3)
 
@@ -237,12 +227,12 @@ def _dq_kernel(*refs, n, bq, bk, scale, interpret):
     @pl.when(_needed(i, j, bq, bk))
     def _accumulate():
         allowed = _allowed(i, j, q_seg_ref[...], k_seg_ref[...], bq, bk)
-        d_probs = _dot(d_out_ref[...], v_ref[...], _NT, interpret)
+        d_probs = _dot(d_out_ref[...], v_ref[...], _NT)
         for b in range(n):
             k = k_ref[b]
-            probs = jnp.exp(_logits(q_ref[b], k, allowed, scale, interpret) - lse_ref[b][:, :1])
+            probs = jnp.exp(_logits(q_ref[b], k, allowed, scale) - lse_ref[b][:, :1])
             d_logits = (coef_ref[b] * scale) * probs * (d_probs - delta_ref[b][:, :1])
-            dq_acc[b] += _dot(d_logits.astype(k.dtype), k, _NN, interpret)
+            dq_acc[b] += _dot(d_logits.astype(k.dtype), k, _NN)
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
@@ -268,7 +258,7 @@ def backward(
     num_kv, dv = k.shape[2], v.shape[-1]
     rep, bq, bk = num_q // num_kv, block_q, block_k
     scale = width**-0.5
-    inputs = (_coefficients(weights), q, k, v, d_out, _rows(lse), _rows(deltas), *_segment_layouts(segment_ids))
+    inputs = (branch_coefficients(weights), q, k, v, d_out, _rows(lse), _rows(deltas), *_segment_layouts(segment_ids))
     smem = pl.BlockSpec(memory_space=pltpu.SMEM)
 
     # dK, dV: grid (B, Hkv, nk, R, nq); a skipped query block fetches the first one key block j needs.
@@ -298,7 +288,7 @@ def backward(
         pl.BlockSpec((None, bq, LANES), q_seg_index),
         pl.BlockSpec((None, SUBLANES, bk), lambda b, g, j, r, i: (b, 0, j)),
     ]
-    options = {"n": n, "bq": bq, "bk": bk, "scale": scale, "interpret": interpret}
+    options = {"n": n, "bq": bq, "bk": bk, "scale": scale}
     dk, dv_ = pl.pallas_call(
         functools.partial(_dkv_kernel, **options),
         grid=(batch, num_kv, length // bk, rep, length // bq),

@@ -10,7 +10,7 @@ probabilities cast back before they meet V.
 import jax
 import jax.numpy as jnp
 
-_MASKED = jnp.finfo(jnp.float32).min
+from diffjax.ops.tiles import MASKED
 
 
 def _mask(segment_ids: jax.Array | None, length: int) -> jax.Array:
@@ -29,7 +29,7 @@ def _probabilities(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
     num_kv = k.shape[2]
     grouped = q.reshape(batch, length, num_kv, num_q // num_kv, width)
     logits = jnp.einsum("btgrd,bsgd->bgrts", grouped, k) / jnp.sqrt(width).astype(q.dtype)
-    logits = jnp.where(mask, logits.astype(jnp.float32), _MASKED)
+    logits = jnp.where(mask, logits.astype(jnp.float32), MASKED)
     probs = jax.nn.softmax(logits, axis=-1)
     probs = jnp.where(mask.any(axis=-1, keepdims=True), probs, 0.0)
     return probs.astype(q.dtype)
