@@ -14,7 +14,9 @@ compilation for a TPU topology on a CPU host gets the TPU kernels; outside a mes
 
 Inside a mesh the Pallas call runs under `jax.shard_map` (Mosaic and Triton kernels are not partitioned
 automatically): batch split as the `act_batch` rule says, heads as `act_heads`, each device attending
-its own heads of its own sequences. Attention needs whole rows, so `act_length` must stay unsharded.
+its own heads of its own sequences. That needs unsharded `act_length` and batch and head counts that
+divide over their mesh axes; where they do not, `auto` takes `blockwise` (which GSPMD partitions) and an
+explicit `pallas` is refused with the reason.
 """
 
 import dataclasses
@@ -96,6 +98,10 @@ class AttentionCore:
         """Run core function `name` on `[B, T, H, d]` arrays `heads`, replicated `scalars` and segment ids."""
         platform = target_platform()
         impl = resolve(self.impl, heads[0].dtype, platform)
+        if impl == "pallas" and (problem := _unshardable(heads)):
+            if self.impl != "auto":
+                raise AttentionImplError(f"attention_impl='pallas' {problem}")
+            impl = "blockwise"  # auto: the fastest core that can run this mesh and shape
         if impl != "pallas":
             tiles = {"block_q": self.block_q or BLOCKWISE_BLOCK, "block_k": self.block_k or BLOCKWISE_BLOCK}
             core = getattr(_XLA_CORES[impl], name)
@@ -111,33 +117,45 @@ class AttentionCore:
             return fused(*args, kernel=kernel)
 
         args = (*heads, *scalars) if segment_ids is None else (*heads, *scalars, segment_ids)
-        return _per_shard(run, heads, len(scalars), segment_ids is not None)(*args)
+        return _per_shard(run, len(heads), len(scalars), segment_ids is not None)(*args)
 
 
-def _per_shard(
-    fn: Callable[..., jax.Array], heads: tuple[jax.Array, ...], num_scalars: int, with_segments: bool
-) -> Callable[..., jax.Array]:
+def _unshardable(heads: tuple[jax.Array, ...]) -> str | None:
+    """Why `[B, T, H, d]` inputs cannot be split by `shard_map` over the active mesh (None: they can, or
+    there is no mesh): each device needs whole sequences, whole batch rows and whole heads."""
+    active = active_sharding()
+    if active is None:
+        return None
+    mesh, rules = active
+    batch, length, head_axes = logical_spec(("act_batch", "act_length", "act_heads"), rules)
+    if length is not None:
+        return (
+            f"needs whole sequences per device, but the rule for act_length shards them over {length!r}; "
+            "map act_length to None in config.sharding_rules"
+        )
+    for size, axes, what in [
+        (heads[0].shape[0], batch, "batch rows"),
+        *((x.shape[2], head_axes, "heads") for x in heads),
+    ]:
+        ways = axis_size(mesh, axes)
+        if size % ways:
+            return (
+                f"splits {what} {ways} ways over mesh axes {axes!r}, but an input has {size}; make them a multiple "
+                f"of {ways} (batch_size, model.num_kv_heads) or change mesh.shape"
+            )
+    return None
+
+
+def _per_shard(fn: Callable[..., jax.Array], num_heads: int, num_scalars: int, with_segments: bool) -> Callable:
     """`fn` under `jax.shard_map` over the active mesh (batch and heads split by the rules), or `fn` itself
     outside a mesh."""
     active = active_sharding()
     if active is None:
         return fn
     mesh, rules = active
-    batch, length, head_axes = logical_spec(("act_batch", "act_length", "act_heads"), rules)
-    if length is not None:
-        raise AttentionImplError(
-            f"attention_impl='pallas' needs whole sequences per device, but the rule for act_length shards "
-            f"them over {length!r}; map act_length to None in config.sharding_rules"
-        )
-    ways = axis_size(mesh, head_axes)
-    for x in heads:
-        if x.shape[2] % ways:
-            raise AttentionImplError(
-                f"attention_impl='pallas' splits heads {ways} ways over mesh axes {head_axes!r}, but an input has "
-                f"{x.shape[2]} heads; use a head count (model.num_kv_heads) divisible by {ways}, or another mesh"
-            )
+    batch, head_axes = logical_spec(("act_batch", "act_heads"), rules)
     per_head = PartitionSpec(batch, None, head_axes, None)
-    in_specs = (per_head,) * len(heads) + (PartitionSpec(),) * num_scalars
+    in_specs = (per_head,) * num_heads + (PartitionSpec(),) * num_scalars
     if with_segments:
         in_specs += (PartitionSpec(batch, None),)
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=per_head, check_vma=False)

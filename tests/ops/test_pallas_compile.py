@@ -10,7 +10,7 @@ from conftest import REPO, load_config
 from jax.sharding import NamedSharding, PartitionSpec
 
 from diffjax.ops import pallas
-from diffjax.ops.dispatch import AttentionCore
+from diffjax.ops.dispatch import AttentionCore, AttentionImplError
 from diffjax.parallel.mesh import make_mesh
 from diffjax.parallel.sharding import DEFAULT_RULES, activation_sharding
 from diffjax.train.aot import BATCH_DTYPES, topology_devices
@@ -78,3 +78,25 @@ def test_the_gpu_kernels_lower_to_triton_forward_and_backward():
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)))
     exported = jax.export.export(grad, platforms=["cuda"], disabled_checks=checks)(q, q, kv, kv, v, lam, segments)
     assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 3  # forward, dK/dV, dQ
+
+
+@requires_libtpu
+@pytest.mark.parametrize("impl", ["pallas", "auto"])
+def test_heads_that_do_not_split_over_tensor_refuse_pallas_or_make_auto_take_blockwise(impl):
+    mesh = _tpu_mesh("v5e:2x2")
+    q = jax.ShapeDtypeStruct((2, 256, 2, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 256, 1, 128), jnp.bfloat16)  # one kv head cannot split two ways
+    v = jax.ShapeDtypeStruct((2, 256, 1, 256), jnp.bfloat16)
+
+    def attend(q1, q2, k1, k2, v):
+        with activation_sharding(mesh, DEFAULT_RULES):
+            return AttentionCore(impl).diff_attention(q1, q2, k1, k2, v, jnp.bfloat16(0.5))
+
+    if impl == "pallas":
+        with pytest.raises(
+            AttentionImplError, match=r"splits heads 2 ways over mesh axes 'tensor', but an input has 1"
+        ):
+            jax.jit(attend).lower(q, q, kv, kv, v)
+    else:
+        text = jax.jit(attend).lower(q, q, kv, kv, v).as_text()
+        assert not any(name in text for name in KERNEL_NAMES)
