@@ -42,7 +42,7 @@ def per_head_rope_rows(heads: int, width: int) -> np.ndarray:
     return (np.arange(heads)[:, None] * width + rope_rows(width)[None, :]).reshape(-1)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # eq would compare the `rows` arrays
 class Tensor:
     """One external tensor: its diffjax path, its external name (`{layer}` for per-layer ones) and its row order.
 
