@@ -53,7 +53,7 @@ def save_run(workdir: Path, steps: list[int], model: dict | None = None, **setti
     Returns the saved parameters by step; `model` and `settings` override the tiny config.
     """
     config = load_config(REPO / "configs" / "tiny.py")
-    config.model.update(emb_dim=32, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=64, **(model or {}))
+    config.model.update(dict(emb_dim=32, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=64) | (model or {}))
     config.update(settings)
     mesh = make_mesh((1, -1, 1))
     trainer = make_trainer(config, mesh)

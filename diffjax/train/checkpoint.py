@@ -93,12 +93,16 @@ def run_metadata(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
     }
 
 
-def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
-    """`{"blocks/attention/q_proj/kernel": shape}` of a parameter tree (nnx Variables or Orbax metadata)."""
+def flat_leaves(tree) -> dict[str, Any]:
+    """`{"blocks/attn/q_proj/kernel": leaf}` of a parameter tree (nnx Variables or Orbax metadata)."""
     nested = nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
     flat = traverse_util.flatten_dict(nested)
     names = ("/".join(map(str, key[:-1] if key[-1] == "value" else key)) for key in flat)
-    return {name: tuple(leaf.shape) for name, leaf in zip(names, flat.values(), strict=True)}
+    return dict(zip(names, flat.values(), strict=True))
+
+
+def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(leaf.shape) for name, leaf in flat_leaves(tree).items()}
 
 
 def check_shapes(saved: dict[str, tuple[int, ...]], wanted: dict[str, tuple[int, ...]], where: str) -> None:
@@ -270,3 +274,19 @@ def restore_params(directory: Path, step: int, abstract_params: nnx.State) -> nn
     manager = _manager(directory)
     check_fits(manager, step, abstract_params)
     return manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))).params
+
+
+def save_params(workdir: Path, step: int, params: nnx.State, metadata: dict[str, Any]) -> Path:
+    """A checkpoint of parameters and metadata only (imported weights): what `init_from` and `load_model` read.
+
+    It holds no optimizer state or data position, so a run cannot resume in this workdir: fine-tune into
+    another one with `init_from` pointing here.
+    """
+    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+    with _manager(workdir / CHECKPOINTS, options) as manager:
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            metadata=ocp.args.JsonSave(metadata | {"step": step, "saved_at": time.time()}),
+        )
+        manager.save(step, args=args, force=True)
+    return workdir / CHECKPOINTS / str(step)
