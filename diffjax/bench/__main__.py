@@ -3,17 +3,24 @@
     python -m diffjax.bench data --config=configs/tiny.py [--batches=500] [--warmup=20]
     python -m diffjax.bench train_step --emb_dim=256 --num_layers=4 --num_heads=2 --num_kv_heads=2 \\
         --mlp_dim=640 --vocab_size=256 --seq_len=512 --batch_size=8 --steps=10 [--compare_hf | --hf_only]
+    python -m diffjax.bench kernels [--lengths=1024,4096,16384] [--head_dims=64,128] [--kernel_heads=8] \\
+        [--kernel_kv_heads=8] [--tokens=16384] [--iterations=20] [--warmup_steps=2] \\
+        [--variants=fused,two_flash,four_dpa,blockwise] [--interpret | --aot_topology=v5e:2x2]
 
-The last line printed is `key=value` pairs, the first of them `tokens_per_s`; `train_step` adds
+The last line printed is `key=value` pairs. For `data` and `train_step` the first is `tokens_per_s`; `train_step` adds
 `peak_rss_mb`, and with `--compare_hf` ends the line with `hf_tokens_per_s` and `ratio` (diffjax / HF).
 `--hf_only` times the Hugging Face model alone, so that its peak memory is its own.
+`kernels` prints a table per (T, d) and ends with `key=value` pairs at the largest shape (fwd+bwd ms per
+variant, `fused_speedup_fwd_bwd` over the best alternative); with `--aot_topology` it compiles instead of
+timing and ends with `compiled`, `failed` and temp MiB per variant.
 """
 
 from absl import flags
 
+from diffjax.bench.timing import run_alternating
 from diffjax.cli import UsageError, run_main
 
-BENCHMARKS = ("data", "train_step")
+BENCHMARKS = ("data", "train_step", "kernels")
 _BATCHES = flags.DEFINE_integer("batches", 500, "data: batches to time.")
 _WARMUP = flags.DEFINE_integer("warmup", 20, "data: batches to draw before timing.")
 _EMB_DIM = flags.DEFINE_integer("emb_dim", 256, "train_step: model width E.")
@@ -25,13 +32,26 @@ _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 256, "train_step: vocabulary si
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "train_step: tokens per row T.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "train_step: rows per step.")
 _STEPS = flags.DEFINE_integer("steps", 10, "train_step: timed steps per framework (median reported).")
-_WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 2, "train_step: untimed steps first (compilation).")
+_WARMUP_STEPS = flags.DEFINE_integer(
+    "warmup_steps", 2, "train_step, kernels: untimed steps (calls) first, after compilation."
+)
 _DTYPE = flags.DEFINE_string("dtype", "float32", "train_step: activation dtype.")
 _ATTENTION_IMPL = flags.DEFINE_string("attention_impl", "auto", "train_step: auto, reference, blockwise, pallas.")
 _COMPARE_HF = flags.DEFINE_bool("compare_hf", False, "train_step: also time HF DiffLlamaForCausalLM, alternating.")
 _HF_ONLY = flags.DEFINE_bool("hf_only", False, "train_step: time HF DiffLlamaForCausalLM alone (its own memory).")
 _SCAN_LAYERS = flags.DEFINE_bool("scan_layers", True, "train_step: loop over layers (False unrolls them).")
 _REMAT_POLICY = flags.DEFINE_string("remat_policy", "none", "train_step: none, minimal, full, save_attention.")
+_LENGTHS = flags.DEFINE_list("lengths", ["1024", "4096", "16384"], "kernels: sequence lengths T.")
+_HEAD_DIMS = flags.DEFINE_list("head_dims", ["64", "128"], "kernels: head widths d (V is 2d wide).")
+_KERNEL_HEADS = flags.DEFINE_integer("kernel_heads", 8, "kernels: differential query heads H.")
+_KERNEL_KV_HEADS = flags.DEFINE_integer("kernel_kv_heads", 8, "kernels: key/value heads (H for no GQA).")
+_TOKENS = flags.DEFINE_integer("tokens", 16384, "kernels: tokens per call; batch = max(1, tokens // T).")
+_ITERATIONS = flags.DEFINE_integer("iterations", 20, "kernels: timed calls per variant and pass (median).")
+_VARIANTS = flags.DEFINE_list("variants", ["fused", "two_flash", "four_dpa", "blockwise"], "kernels: variants to run.")
+_INTERPRET = flags.DEFINE_bool("interpret", False, "kernels: on CPU, time the Pallas variants interpreted.")
+_AOT_TOPOLOGY = flags.DEFINE_string(
+    "aot_topology", "", "kernels: compile for one device of this TPU topology (libtpu) instead of timing."
+)
 
 
 def bench_data() -> None:
@@ -78,7 +98,7 @@ def bench_train_step() -> None:
         from diffjax.bench.hf import hf_step
 
         steps["hf"] = hf_step(shape)
-    seconds = bench.run_alternating(steps, _WARMUP_STEPS.value, _STEPS.value)
+    seconds = run_alternating(steps, _WARMUP_STEPS.value, _STEPS.value)
     rates = {name: bench.median_tokens_per_s(times, shape) for name, times in seconds.items()}
     print(
         f"train_step: E={shape.emb_dim} layers={shape.num_layers} H={shape.num_heads} Hkv={shape.num_kv_heads} "
@@ -96,10 +116,32 @@ def bench_train_step() -> None:
     print(last)
 
 
+def bench_kernels() -> None:
+    if _ITERATIONS.value <= 0 or _WARMUP_STEPS.value < 0:
+        raise UsageError("--iterations must be positive and --warmup_steps >= 0")
+    if _INTERPRET.value and _AOT_TOPOLOGY.value:
+        raise UsageError("--interpret and --aot_topology exclude each other")
+    from diffjax.bench import kernels
+
+    try:
+        lengths, head_dims = [int(x) for x in _LENGTHS.value], [int(x) for x in _HEAD_DIMS.value]
+    except ValueError as error:
+        raise UsageError(f"--lengths and --head_dims take integers: {error}") from None
+    shapes = kernels.shapes(lengths, head_dims, _KERNEL_HEADS.value, _KERNEL_KV_HEADS.value, _TOKENS.value)
+    variants = kernels.check_variants(_VARIANTS.value)
+    if _AOT_TOPOLOGY.value:
+        from diffjax.train.aot import topology_devices
+
+        devices = topology_devices(_AOT_TOPOLOGY.value)
+        kernels.run_compile(shapes, variants, _AOT_TOPOLOGY.value, devices)
+    else:
+        kernels.run(shapes, variants, _WARMUP_STEPS.value, _ITERATIONS.value, _INTERPRET.value)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[1] not in BENCHMARKS:
         raise UsageError(f"name one benchmark: {', '.join(BENCHMARKS)} (got {argv[1:]})")
-    {"data": bench_data, "train_step": bench_train_step}[argv[1]]()
+    {"data": bench_data, "train_step": bench_train_step, "kernels": bench_kernels}[argv[1]]()
 
 
 if __name__ == "__main__":

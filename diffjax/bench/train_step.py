@@ -9,7 +9,6 @@ import math
 import os
 import resource
 import statistics
-import time
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -81,13 +80,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def timed(step: Callable[[], None]) -> float:
-    """Seconds one call of `step` takes; `step` must return only when its work is done."""
-    start = time.perf_counter()
-    step()
-    return time.perf_counter() - start
-
-
 def diffjax_step(shape: Shape) -> Callable[[], None]:
     """A closure running one diffjax training step on a fixed synthetic batch, blocking until it is done."""
     config = bench_config(shape)
@@ -116,15 +108,3 @@ def diffjax_step(shape: Shape) -> Callable[[], None]:
 
 def median_tokens_per_s(seconds: list[float], shape: Shape) -> float:
     return shape.batch_size * shape.seq_len / statistics.median(seconds)
-
-
-def run_alternating(steps: dict[str, Callable[[], None]], warmup: int, rounds: int) -> dict[str, list[float]]:
-    """Warm every step up, then time them in interleaved rounds so that a noisy machine slows all alike."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    seconds: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            seconds[name].append(timed(step))
-    return seconds
