@@ -85,8 +85,7 @@ def diff_attention(
 ) -> jax.Array:
     """Differential attention `(A1 V) - lam (A2 V)`: `[B, T, H, d] ... -> [B, T, H, 2d]`, as the reference's."""
     weights = jnp.reshape(-lam, (1,)).astype(jnp.float32)
-    out = _attend(jnp.stack([q1, q2]), jnp.stack([k1, k2]), v, weights, segment_ids, kernel)
-    return out
+    return _attend(jnp.stack([q1, q2]), jnp.stack([k1, k2]), v, weights, segment_ids, kernel)
 
 
 def _attend(
@@ -136,9 +135,11 @@ def _fused_forward(q, k, v, segment_ids, weights, kernel):
 
 def _fused_backward(kernel: Kernel, residuals: tuple, d_out: jax.Array) -> tuple:
     q, k, v, segment_ids, weights, out, others, lse = residuals
-    d_out32, others32 = d_out.astype(jnp.float32), others.astype(jnp.float32)
-    first = out.astype(jnp.float32) - jnp.einsum("b,b...->...", weights, others32)
-    deltas = jnp.concatenate([jnp.sum(first * d_out32, axis=-1)[None], jnp.sum(others32 * d_out32, axis=-1)])
+    # Row dots straight from the stored outputs (float32 accumulation, nothing output-sized materialised):
+    # deltas[1:] = rowsum(o_b dO), and deltas[0] = rowsum(o_1 dO) = rowsum(out dO) - sum_b w_b rowsum(o_b dO).
+    d_rest = jnp.einsum("nbhtd,bhtd->nbht", others, d_out, preferred_element_type=jnp.float32)
+    d_all = jnp.einsum("bhtd,bhtd->bht", out, d_out, preferred_element_type=jnp.float32)
+    deltas = jnp.concatenate([(d_all - jnp.einsum("n,nbht->bht", weights, d_rest))[None], d_rest])
     dq, dk, dv = kernel.module.backward(q, k, v, segment_ids, weights, lse, d_out, deltas, **_options(kernel))
     return dq, dk, dv, None, jnp.sum(deltas[1:], axis=(1, 2, 3)).astype(weights.dtype)
 

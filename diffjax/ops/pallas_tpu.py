@@ -76,9 +76,9 @@ def _segment_layouts(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
     return q_seg, k_seg
 
 
-def _rows(x: jax.Array) -> jax.Array:
-    """`[..., T]` float32 row statistics -> the kernels' lane-broadcast `[..., T, 128]`."""
-    return jnp.broadcast_to(x[..., None], (*x.shape, LANES))
+def _column(row_ref, b: int) -> jax.Array:
+    """Branch b's `(1, bq)` block of a row statistic (lse, delta), as the `(bq, 1)` column tiles broadcast with."""
+    return jnp.expand_dims(row_ref[b, 0], -1)
 
 
 def _forward_kernel(coef_ref, q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, *refs, n, bq, bk, scale):
@@ -115,7 +115,7 @@ def _forward_kernel(coef_ref, q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, *refs, 
             out += coef_ref[b] * branch
             if b:
                 others_ref[0][b - 1] = branch.astype(others_ref[0].dtype)
-            lse_ref[b] = max_ref[b] + jnp.log(total)
+            lse_ref[b] = jnp.transpose(max_ref[b] + jnp.log(total))[:1]  # lane-broadcast column -> one row
         out_ref[...] = out.astype(out_ref.dtype)
 
 
@@ -162,8 +162,8 @@ def forward(
     if n > 1:
         out_shape.append(jax.ShapeDtypeStruct((n - 1, batch, num_q, length, dv), v.dtype))
         out_specs.append(pl.BlockSpec((n - 1, None, None, bq, dv), lambda b, h, i, j: (0, b, h, i, 0)))
-    out_shape.append(jax.ShapeDtypeStruct((n, batch, num_q, length, LANES), jnp.float32))
-    out_specs.append(pl.BlockSpec((n, None, None, bq, LANES), lambda b, h, i, j: (0, b, h, i, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((n, batch, num_q, 1, length), jnp.float32))
+    out_specs.append(pl.BlockSpec((n, None, None, 1, bq), lambda b, h, i, j: (0, b, h, 0, i)))
     kernel = functools.partial(_forward_kernel, n=n, bq=bq, bk=bk, scale=width**-0.5)
     outputs = pl.pallas_call(
         kernel,
@@ -183,7 +183,7 @@ def forward(
     )(branch_coefficients(weights), q, k, v, *_segment_layouts(segment_ids))
     out, *others, lse = outputs
     others = others[0] if others else jnp.zeros((0, batch, num_q, length, dv), v.dtype)
-    return out, others, lse[..., 0]
+    return out, others, lse[:, :, :, 0]
 
 
 def _dkv_kernel(*refs, n, bq, bk, scale):
@@ -204,9 +204,9 @@ def _dkv_kernel(*refs, n, bq, bk, scale):
         mixed = jnp.zeros((bq, bk), jnp.float32)
         for b in range(n):
             q = q_ref[b]
-            probs = jnp.exp(_logits(q, k_ref[b], allowed, scale) - lse_ref[b][:, :1])
+            probs = jnp.exp(_logits(q, k_ref[b], allowed, scale) - _column(lse_ref, b))
             mixed += coef_ref[b] * probs
-            d_logits = (coef_ref[b] * scale) * probs * (d_probs - delta_ref[b][:, :1])
+            d_logits = (coef_ref[b] * scale) * probs * (d_probs - _column(delta_ref, b))
             dk_acc[b] += _dot(d_logits.astype(q.dtype), q, _TN)
         dv_acc[...] += _dot(mixed.astype(d_out.dtype), d_out, _TN)  # (P1 - lambda P2)^T dO
 
@@ -230,8 +230,8 @@ def _dq_kernel(*refs, n, bq, bk, scale):
         d_probs = _dot(d_out_ref[...], v_ref[...], _NT)
         for b in range(n):
             k = k_ref[b]
-            probs = jnp.exp(_logits(q_ref[b], k, allowed, scale) - lse_ref[b][:, :1])
-            d_logits = (coef_ref[b] * scale) * probs * (d_probs - delta_ref[b][:, :1])
+            probs = jnp.exp(_logits(q_ref[b], k, allowed, scale) - _column(lse_ref, b))
+            d_logits = (coef_ref[b] * scale) * probs * (d_probs - _column(delta_ref, b))
             dq_acc[b] += _dot(d_logits.astype(k.dtype), k, _NN)
 
     @pl.when(j == pl.num_programs(3) - 1)
@@ -258,7 +258,8 @@ def backward(
     num_kv, dv = k.shape[2], v.shape[-1]
     rep, bq, bk = num_q // num_kv, block_q, block_k
     scale = width**-0.5
-    inputs = (branch_coefficients(weights), q, k, v, d_out, _rows(lse), _rows(deltas), *_segment_layouts(segment_ids))
+    rows = (x[:, :, :, None] for x in (lse, deltas))  # [n, B, Hq, 1, T]: a (1, bq) block per query block
+    inputs = (branch_coefficients(weights), q, k, v, d_out, *rows, *_segment_layouts(segment_ids))
     smem = pl.BlockSpec(memory_space=pltpu.SMEM)
 
     # dK, dV: grid (B, Hkv, nk, R, nq); a skipped query block fetches the first one key block j needs.
@@ -277,14 +278,18 @@ def backward(
         b, _, ii = q_block(*idx)
         return b, ii, 0
 
+    def stat_index(*idx):
+        b, h, ii = q_block(*idx)
+        return 0, b, h, 0, ii
+
     dkv_specs = [
         smem,
         pl.BlockSpec((n, None, None, bq, width), q_index),
         pl.BlockSpec((n, None, None, bk, width), lambda b, g, j, r, i: (0, b, g, j, 0)),
         pl.BlockSpec((None, None, bk, dv), lambda b, g, j, r, i: (b, g, j, 0)),
         pl.BlockSpec((None, None, bq, dv), row_index),
-        pl.BlockSpec((n, None, None, bq, LANES), q_index),
-        pl.BlockSpec((n, None, None, bq, LANES), q_index),
+        pl.BlockSpec((n, None, None, 1, bq), stat_index),
+        pl.BlockSpec((n, None, None, 1, bq), stat_index),
         pl.BlockSpec((None, bq, LANES), q_seg_index),
         pl.BlockSpec((None, SUBLANES, bk), lambda b, g, j, r, i: (b, 0, j)),
     ]
@@ -332,8 +337,8 @@ def backward(
         pl.BlockSpec((n, None, None, bk, width), kv_index),
         pl.BlockSpec((None, None, bk, dv), v_index),
         pl.BlockSpec((None, None, bq, dv), lambda b, h, i, j: (b, h, i, 0)),
-        pl.BlockSpec((n, None, None, bq, LANES), rows_index),
-        pl.BlockSpec((n, None, None, bq, LANES), rows_index),
+        pl.BlockSpec((n, None, None, 1, bq), lambda b, h, i, j: (0, b, h, 0, i)),
+        pl.BlockSpec((n, None, None, 1, bq), lambda b, h, i, j: (0, b, h, 0, i)),
         pl.BlockSpec((None, bq, LANES), lambda b, h, i, j: (b, i, 0)),
         pl.BlockSpec((None, SUBLANES, bk), k_seg_index),
     ]

@@ -40,7 +40,7 @@ def test_one_step_smoke_prints_tokens_per_second_and_peak_memory_last():
     ("flag", "message"),
     [
         ("--seq_len=0", "seq_len=0 must be a positive integer"),
-        ("--attention_impl=pallas", "model.attention_impl='pallas' is not implemented yet"),
+        ("--attention_impl=flash", "model.attention_impl='flash' is unknown"),
         ("--steps=0", "--steps must be positive"),
         ("--num_heads=3", "model.emb_dim=32 is not divisible by 2*model.num_heads=6"),
     ],
