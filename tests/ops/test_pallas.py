@@ -86,6 +86,12 @@ def test_matches_the_reference_in_bfloat16_with_odd_lengths_and_gqa():
     assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(got))
 
 
+def test_the_gpu_kernels_meet_the_same_contract_through_the_wrapper():
+    """`tests/ops/test_pallas_gpu.py` checks the Triton kernels alone; here the shared layout, padding and VJP."""
+    arrays, lam, segment_ids = _inputs(2, 45, 4, 2, 8, jnp.float32, seed=3)
+    _compare(arrays, lam, segment_ids, pallas.kernel_for("gpu", 8, jnp.float32, 16, 32, interpret=True), atol=1e-5)
+
+
 def test_standard_attention_is_the_one_branch_case():
     (q, _, k, _, v), _, segment_ids = _inputs(2, 40, 4, 2, 8, jnp.float32, seed=4)
     cotangent = jax.random.normal(jax.random.key(2), (*q.shape[:3], v.shape[-1]))
