@@ -237,7 +237,7 @@ def _forward_kernel(coef_ref, seg_ref, q_ref, k_ref, v_ref, out_ref, *rest_refs,
     *others_ref, lse_ref = rest_refs
     n, block_q = q_ref.shape[0], q_ref.shape[1]
     i = pl.program_id(0)
-    coefs = _loadbranch_coefficients(coef_ref)
+    coefs = _load_coefficients(coef_ref)
     queries = [q_ref[b] for b in range(n)]
     q_seg = seg_ref[pl.ds(i * block_q, block_q)]
 
@@ -293,7 +293,7 @@ def _dkdv_kernel(
     n, block_k = k_ref.shape[0], k_ref.shape[1]
     rep, length = q_ref.shape[1], q_ref.shape[2]
     j = pl.program_id(0)
-    coefs = _loadbranch_coefficients(coef_ref)
+    coefs = _load_coefficients(coef_ref)
     keys = [k_ref[b] for b in range(n)]
     v = v_ref[...]
     k_seg = seg_ref[pl.ds(j * block_k, block_k)]
@@ -333,7 +333,7 @@ def _dq_kernel(
     """One query block of one head: dQ_b over the key blocks up to the diagonal."""
     n, block_q = q_ref.shape[0], q_ref.shape[1]
     i = pl.program_id(0)
-    coefs = _loadbranch_coefficients(coef_ref)
+    coefs = _load_coefficients(coef_ref)
     queries = [q_ref[b] for b in range(n)]
     d_out = do_ref[...]
     q_seg = seg_ref[pl.ds(i * block_q, block_q)]
@@ -353,7 +353,7 @@ def _dq_kernel(
         dq_ref[b] = d_queries[b].astype(dq_ref.dtype)
 
 
-def _loadbranch_coefficients(coef_ref) -> list:
+def _load_coefficients(coef_ref) -> list:
     """Branch coefficients `[1, w_1, ...]`; the first is the constant 1 (no load, no multiply)."""
     return [1.0] + [coef_ref[b] for b in range(1, coef_ref.shape[0])]
 
