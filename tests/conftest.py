@@ -66,3 +66,9 @@ def save_run(workdir: Path, steps: list[int], model: dict | None = None, **setti
         saved[step] = jax.tree.map(np.asarray, state.params)
     checkpoints.close()
     return saved
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked slow run first: with `-n 2` the two test processes then end together, instead of one
+    waiting on a minute-long test that happened to be scheduled last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -2,9 +2,11 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 
+@pytest.mark.slow
 def test_train_cli_trains_evaluates_logs_and_samples(tmp_path):
     workdir = tmp_path / "run"
     result = subprocess.run(

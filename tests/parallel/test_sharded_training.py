@@ -21,6 +21,7 @@ def sharded_results(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", ["(8, 1, 1)", "(2, 2, 2)", "(1, 4, 2)"])
 def test_meshes_give_the_single_device_losses(sharded_results, mesh):
     single = np.array(sharded_results["(1, 1, 1)"]["losses"])
@@ -43,6 +44,7 @@ def test_parameters_are_sharded_as_the_rules_say(sharded_results):
     assert spec("['final_norm']['scale']") == "P(None,)"
 
 
+@pytest.mark.slow
 def test_two_processes_on_localhost_agree_with_one(sharded_results, tmp_path):
     """jax.distributed with gloo: 2 processes x 2 CPU devices, each feeding only its own rows of the batch."""
     out, port = tmp_path / "two.json", free_port()

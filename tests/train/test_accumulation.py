@@ -2,6 +2,7 @@ import functools
 
 import jax
 import numpy as np
+import pytest
 from conftest import REPO, load_config
 
 from diffjax.parallel.mesh import make_mesh
@@ -45,6 +46,7 @@ def _gradients(config):
     return jax.jit(functools.partial(mean_gradients, options=trainer.options))(params, _batch(config))
 
 
+@pytest.mark.slow
 def test_four_micro_batches_equal_one_batch_four_times_larger():
     whole_grads, whole_loss, whole_count = _gradients(_config(1))
     accum_grads, accum_loss, accum_count = _gradients(_config(4))
@@ -54,6 +56,7 @@ def test_four_micro_batches_equal_one_batch_four_times_larger():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale), accum_grads, whole_grads)
 
 
+@pytest.mark.slow
 def test_z_loss_adds_to_the_objective_not_the_reported_loss():
     config = _config(1)
     _, plain = _one_step(config)

@@ -24,6 +24,7 @@ def test_tiny_config_compiles_for_a_v5e_slice():
     assert report["model_flops_per_device"] > 0
 
 
+@pytest.mark.slow
 @requires_libtpu
 def test_a_paper_config_compiles_sharded_over_fsdp_and_tensor():
     config = load_config(REPO / "configs" / "paper_830m.py")

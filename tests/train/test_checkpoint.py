@@ -118,6 +118,7 @@ def finished_run(tmp_path_factory, data_dir) -> Path:
     return workdir
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_reproduces_the_uninterrupted_run_bitwise(finished_run, data_dir, tmp_path):
     workdir = tmp_path / "run_b"
     process = subprocess.Popen(command(workdir, data_dir), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -138,6 +139,7 @@ def test_sigkill_then_rerun_reproduces_the_uninterrupted_run_bitwise(finished_ru
     assert same_params(params_of(finished_run), params_of(workdir))
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_and_exits_zero_then_resumes(finished_run, data_dir, tmp_path):
     workdir = tmp_path / "run"
     process = subprocess.Popen(
@@ -162,6 +164,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero_then_resumes(finished_ru
     assert trajectory(workdir) == trajectory(finished_run)
 
 
+@pytest.mark.slow
 def test_sigterm_on_one_of_two_processes_stops_both_at_the_same_step(data_dir, tmp_path):
     """Two processes x 2 CPU devices: JAX's preemption sync tells every host the step to stop and save at."""
     workdir, port = tmp_path / "run", free_port()
@@ -206,6 +209,7 @@ def test_a_truncated_latest_checkpoint_is_skipped_for_the_previous_one(finished_
     assert [p.name.split("-")[0] for p in (workdir / "checkpoints.damaged").iterdir()] == ["12"]
 
 
+@pytest.mark.slow
 def test_no_usable_checkpoint_stops_the_run_unless_restarting_from_scratch_is_asked(finished_run, data_dir, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(finished_run, workdir)
@@ -238,6 +242,7 @@ def test_a_model_that_does_not_fit_the_checkpoint_is_rejected_and_nothing_change
         assert not fresh.exists()
 
 
+@pytest.mark.slow
 def test_checkpoints_restore_on_other_meshes_and_init_from_starts_fresh(data_dir, tmp_path):
     """Saved on 8 devices as (2, 2, 2); restored on 1 device and as (1, 8, 1); fine-tuned from on 1 device."""
     source = tmp_path / "mesh222"
