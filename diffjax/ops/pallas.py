@@ -52,16 +52,22 @@ def kernel_for(
     platform: str, head_dim: int, dtype: jnp.dtype, block_q: int = 0, block_k: int = 0, interpret=None
 ) -> Kernel:
     """The kernel family for `platform` (`tpu`, `gpu`; `cpu` interprets the TPU kernels), with the family's
-    default tile sizes for zero `block_q`/`block_k`. Tile sizes must be powers of two."""
+    default tile sizes for zero `block_q`/`block_k`. Tile sizes must be powers of two, and unless
+    interpreted at least the family's `MIN_BLOCK`."""
     family = "tpu" if platform == "cpu" else platform
     if family not in KERNELS:
         raise ValueError(f"no Pallas attention kernels for platform {platform!r}; they exist for {sorted(KERNELS)}")
-    default_q, default_k = KERNELS[family].default_blocks(head_dim, dtype)
+    if interpret is None:
+        interpret = platform == "cpu"
+    module = KERNELS[family]
     for name, size in (("block_q", block_q), ("block_k", block_k)):
         if size and size & (size - 1):
             raise ValueError(f"attention {name}={size} must be a power of two (e.g. 128 or 512)")
-    if interpret is None:
-        interpret = platform == "cpu"
+        if size and size < module.MIN_BLOCK and not interpret:
+            raise ValueError(
+                f"attention {name}={size} is below the {family} kernels' smallest tile, {module.MIN_BLOCK}"
+            )
+    default_q, default_k = module.default_blocks(head_dim, dtype)
     return Kernel(family, block_q or default_q, block_k or default_k, interpret)
 
 
@@ -93,7 +99,11 @@ def _attend(
 ) -> jax.Array:
     """Branch-stacked `[n, B, T, H, d]` inputs in the sequence-major layout -> `[B, T, Hq, dv]`."""
     length = q.shape[2]
-    block_q, block_k = (min(block, _power_of_two_at_least(length)) for block in (kernel.block_q, kernel.block_k))
+    # Short sequences get one tile (the whole padded sequence), never smaller than the compiled kernels allow.
+    cap = _power_of_two_at_least(length)
+    if not kernel.interpret:
+        cap = max(cap, kernel.module.MIN_BLOCK)
+    block_q, block_k = (min(block, cap) for block in (kernel.block_q, kernel.block_k))
     padded = _round_up(length, max(block_q, block_k))
     if segment_ids is None:
         segment_ids = jnp.ones(q.shape[1:3], jnp.int32)

@@ -41,6 +41,7 @@ from diffjax.ops.tiles import EMPTY, MASKED, branch_coefficients
 
 # Devices with Hopper-class register files and shared memory (228 KB per SM).
 _HOPPER_CLASS = ("H100", "H200", "H800", "H20", "GH200")
+MIN_BLOCK = 16  # Triton's matmuls need every tile dimension >= 16
 
 
 def default_blocks(head_dim: int, dtype: jnp.dtype) -> tuple[int, int]:

@@ -29,6 +29,7 @@ from jax.experimental.pallas import tpu as pltpu
 from diffjax.ops.tiles import EMPTY, MASKED, branch_coefficients
 
 LANES, SUBLANES = 128, 8
+MIN_BLOCK = LANES  # key tiles are lane-dimension blocks (a smaller one only as a whole padded sequence)
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
 _NN = (((1,), (0,)), ((), ()))  # a @ b

@@ -126,7 +126,11 @@ def test_the_tpu_simulator_with_shuffled_parallel_axes_and_race_detection_agrees
 
 @pytest.mark.parametrize(
     ("blocks", "message"),
-    [((96, 128), "block_q=96 must be a power of two"), ((128, 0), None)],
+    [
+        ((96, 128), "block_q=96 must be a power of two"),
+        ((128, 64), "block_k=64 is below the tpu kernels' smallest tile, 128"),
+        ((128, 0), None),
+    ],
 )
 def test_tile_sizes_are_powers_of_two_and_zero_means_the_default(blocks, message):
     if message:
