@@ -13,9 +13,11 @@ Grids (the last axes are reductions, "arbitrary"; the others "parallel", so mega
 Blocks above the causal diagonal are skipped twice: their compute by `pl.when`, their DMA by index maps
 that keep pointing at the block needed next (an unchanged block index is not fetched again).
 
-Row statistics (running max, sum, log-sum-exp, deltas) live lane-broadcast as `(rows, 128)` float32, the
-layout Mosaic tiles natively; in HBM the residual log-sum-exps are `[n, B, Hq, T]`. Segment ids reach the
-kernel as `[B, T, 128]` (query side, a column per row) and `[B, 8, T]` (key side, a row per column).
+Row statistics: the forward's running max and sum live in VMEM lane-broadcast as `(rows, 128)` float32,
+the layout Mosaic tiles natively. In HBM, log-sum-exps and deltas are `[n, B, Hq, 1, T]`, a `(1, bq)` row
+per query block turned into a column inside the kernel (a lane-broadcast HBM copy would cost 128x their
+size: 641 instead of 385 MiB of temporaries at T=4096, d=128). Segment ids reach the kernel as
+`[B, T, 128]` (query side, a column per row) and `[B, 8, T]` (key side, a row per column).
 """
 
 import functools
