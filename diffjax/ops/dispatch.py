@@ -20,6 +20,7 @@ explicit `pallas` is refused with the reason.
 """
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -111,13 +112,9 @@ class AttentionCore:
             kernel = pallas.kernel_for(platform, q.shape[-1], q.dtype, self.block_q, self.block_k)
         except ValueError as error:
             raise AttentionImplError(f"attention_impl='pallas': {error}") from None
-        fused = getattr(pallas, name)
-
-        def run(*args: jax.Array) -> jax.Array:
-            return fused(*args, kernel=kernel)
-
+        fused = functools.partial(getattr(pallas, name), kernel=kernel)
         args = (*heads, *scalars) if segment_ids is None else (*heads, *scalars, segment_ids)
-        return _per_shard(run, len(heads), len(scalars), segment_ids is not None)(*args)
+        return _per_shard(fused, len(heads), len(scalars), segment_ids is not None)(*args)
 
 
 def _unshardable(heads: tuple[jax.Array, ...]) -> str | None:
