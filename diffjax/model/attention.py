@@ -94,7 +94,7 @@ class _ProjectedAttention(nnx.Module):
             return stack, jax.lax.dynamic_index_in_dim(stack, index, keepdims=False)
 
         (keys, k), (values, v) = write(cache.keys, k), write(cache.values, v)
-        return self.attend(x, (q, k, v), layer, CachedCore(start), None), KVCache(keys, values)
+        return self.attend(x, (q, k, v), layer, CachedCore(start=start), None), KVCache(keys, values)
 
 
 class DiffAttention(_ProjectedAttention):

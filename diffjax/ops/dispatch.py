@@ -134,7 +134,7 @@ class CachedCore(AttentionCore):
     """
 
     impl: str = "reference"
-    start: jax.Array | int = 0
+    start: jax.Array | int = dataclasses.field(default=0, kw_only=True)
 
     def _call(
         self, name: str, heads: tuple[jax.Array, ...], scalars: tuple[jax.Array, ...], segment_ids: None
