@@ -15,10 +15,12 @@ from jax.ad_checkpoint import checkpoint_name
 
 from diffjax.model.layers import RMSNorm, apply_rope, dense, param
 from diffjax.model.model_config import ModelConfig
-from diffjax.ops.dispatch import AttentionCore
+from diffjax.ops.dispatch import AttentionCore, CachedCore
 from diffjax.parallel.sharding import constrain
 
 ATTENTION_OUTPUT = "attention_output"  # checkpoint name of the attention core's result (remat policies)
+Heads = tuple[jax.Array, jax.Array, jax.Array]  # projected q, k, v `[B, T or S, heads, d]`
+Segments = jax.Array | None
 
 
 class LayerConstants(NamedTuple):
@@ -31,9 +33,17 @@ class LayerConstants(NamedTuple):
     output_scale: jax.Array  # 1 - lambda_init, applied after the per-head RMSNorm
 
 
+class KVCache(NamedTuple):
+    """Every layer's projected keys and values for decoding, `[layers, B, S, heads, d]` in the activation
+    dtype (Hugging Face head layout, RoPE applied); the token at position `p` sits in slot `p`."""
+
+    keys: jax.Array
+    values: jax.Array
+
+
 class _ProjectedAttention(nnx.Module):
     """Base of every attention layer: q/k/v projections split into heads, RoPE on queries and keys, and the
-    attention core chosen by `cfg.attention_impl`."""
+    attention core chosen by `cfg.attention_impl`; subclasses say what `attend` does with them."""
 
     def __init__(self, cfg: ModelConfig, num_q: int, num_kv: int, *, rngs: nnx.Rngs):
         linear = functools.partial(dense, cfg, rngs=rngs)
@@ -44,7 +54,7 @@ class _ProjectedAttention(nnx.Module):
         self.k_proj = linear(cfg.emb_dim, num_kv * cfg.head_dim, ("embed", "kv_heads"))
         self.v_proj = linear(cfg.emb_dim, num_kv * cfg.head_dim, ("embed", "kv_heads"))
 
-    def project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def project(self, x: jax.Array, positions: jax.Array) -> Heads:
         batch, length, _ = x.shape
 
         def heads(y: jax.Array) -> jax.Array:
@@ -54,6 +64,37 @@ class _ProjectedAttention(nnx.Module):
         q = apply_rope(heads(self.q_proj(x)), positions, self.rope_theta)
         k = apply_rope(heads(self.k_proj(x)), positions, self.rope_theta)
         return q, k, heads(self.v_proj(x))
+
+    def attend(
+        self, x: jax.Array, qkv: Heads, layer: LayerConstants, core: AttentionCore, segment_ids: Segments
+    ) -> jax.Array:
+        """The layer's output for input `x` from its projected heads `(q, k, v)`, attending through `core`."""
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array | None,
+        layer: LayerConstants,
+    ) -> jax.Array:
+        return self.attend(x, self.project(x, positions), layer, self.core, segment_ids)
+
+    def decode(
+        self, x: jax.Array, layer: LayerConstants, cache: KVCache, index: jax.Array, start: jax.Array
+    ) -> tuple[jax.Array, KVCache]:
+        """`x` `[B, T, E]` at positions `start + [0, T)`: write its keys and values into slots `start...` of
+        layer `index` of `cache`, attend over that layer's cache, and return the output and the new cache."""
+        positions = jnp.broadcast_to(start + jnp.arange(x.shape[1]), x.shape[:2])
+        q, k, v = self.project(x, positions)
+
+        def write(stack: jax.Array, new: jax.Array) -> tuple[jax.Array, jax.Array]:
+            """The cache stack with `new` in place, and this layer's slice of it."""
+            stack = jax.lax.dynamic_update_slice(stack, new[None].astype(stack.dtype), (index, 0, start, 0, 0))
+            return stack, jax.lax.dynamic_index_in_dim(stack, index, keepdims=False)
+
+        (keys, k), (values, v) = write(cache.keys, k), write(cache.values, v)
+        return self.attend(x, (q, k, v), layer, CachedCore(start=start), None), KVCache(keys, values)
 
 
 class DiffAttention(_ProjectedAttention):
@@ -83,18 +124,13 @@ class DiffAttention(_ProjectedAttention):
         difference = branch(self.lambda_q1, self.lambda_k1) - branch(self.lambda_q2, self.lambda_k2)
         return (difference.astype(jnp.float32) + lambda_init).astype(dtype)
 
-    def __call__(
-        self,
-        x: jax.Array,
-        positions: jax.Array,
-        segment_ids: jax.Array | None,
-        layer: LayerConstants,
+    def attend(
+        self, x: jax.Array, qkv: Heads, layer: LayerConstants, core: AttentionCore, segment_ids: Segments
     ) -> jax.Array:
-        q, k, v = self.project(x, positions)
-        h, g = self.num_heads, self.num_kv_heads
+        (q, k, v), h, g = qkv, self.num_heads, self.num_kv_heads
         values = jnp.concatenate([v[:, :, :g], v[:, :, g:]], axis=-1)
         lam = self.lambda_full(layer.lambda_init, x.dtype)
-        out = self.core.diff_attention(q[:, :, :h], q[:, :, h:], k[:, :, :g], k[:, :, g:], values, lam, segment_ids)
+        out = core.diff_attention(q[:, :, :h], q[:, :, h:], k[:, :, :g], k[:, :, g:], values, lam, segment_ids)
         out = checkpoint_name(out, ATTENTION_OUTPUT)
         out = (self.subln(out).astype(jnp.float32) * layer.output_scale).astype(x.dtype)
         return self.o_proj(out.reshape(*x.shape[:2], -1))
@@ -108,16 +144,11 @@ class DiffAttentionV2(_ProjectedAttention):
         self.lambda_proj = dense(cfg, cfg.emb_dim, cfg.num_heads, ("embed", None), rngs=rngs)
         self.o_proj = dense(cfg, cfg.num_heads * cfg.head_dim, cfg.emb_dim, ("heads", "embed"), rngs=rngs)
 
-    def __call__(
-        self,
-        x: jax.Array,
-        positions: jax.Array,
-        segment_ids: jax.Array | None,
-        layer: LayerConstants,
+    def attend(
+        self, x: jax.Array, qkv: Heads, layer: LayerConstants, core: AttentionCore, segment_ids: Segments
     ) -> jax.Array:
         del layer  # v2 has no lambda_init and no output scale
-        q, k, v = self.project(x, positions)
-        attn = checkpoint_name(self.core.attention(q, k, v, segment_ids), ATTENTION_OUTPUT)
+        attn = checkpoint_name(core.attention(*qkv, segment_ids), ATTENTION_OUTPUT)
         lam = jax.nn.sigmoid(self.lambda_proj(x).astype(jnp.float32)).astype(x.dtype)
         out = attn[:, :, 0::2] - lam[..., None] * attn[:, :, 1::2]
         return self.o_proj(out.reshape(*x.shape[:2], -1))
@@ -130,16 +161,11 @@ class StandardAttention(_ProjectedAttention):
         super().__init__(cfg, 2 * cfg.num_heads, 2 * cfg.num_kv_heads, rngs=rngs)
         self.o_proj = dense(cfg, cfg.emb_dim, cfg.emb_dim, ("heads", "embed"), rngs=rngs)
 
-    def __call__(
-        self,
-        x: jax.Array,
-        positions: jax.Array,
-        segment_ids: jax.Array | None,
-        layer: LayerConstants,
+    def attend(
+        self, x: jax.Array, qkv: Heads, layer: LayerConstants, core: AttentionCore, segment_ids: Segments
     ) -> jax.Array:
         del layer  # no differential terms
-        q, k, v = self.project(x, positions)
-        out = checkpoint_name(self.core.attention(q, k, v, segment_ids), ATTENTION_OUTPUT)
+        out = checkpoint_name(core.attention(*qkv, segment_ids), ATTENTION_OUTPUT)
         return self.o_proj(out.reshape(*x.shape[:2], -1))
 
 

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffjax.model.attention import ATTENTION_OUTPUT, ATTENTION_TYPES, LayerConstants
+from diffjax.model.attention import ATTENTION_OUTPUT, ATTENTION_TYPES, KVCache, LayerConstants
 from diffjax.model.layers import RMSNorm, SwiGLU, dense, logical
 from diffjax.model.model_config import ModelConfig
 from diffjax.parallel.sharding import constrain
@@ -35,6 +35,14 @@ class Block(nnx.Module):
     ) -> jax.Array:
         x = x + self.attn(self.attn_norm(x), positions, segment_ids, layer)
         return x + self.mlp(self.mlp_norm(x))
+
+    def decode(
+        self, x: jax.Array, layer: LayerConstants, cache: KVCache, index: jax.Array, start: jax.Array
+    ) -> tuple[jax.Array, KVCache]:
+        """`__call__` for tokens at positions `start + [0, T)`, attending through layer `index` of `cache`."""
+        attended, cache = self.attn.decode(self.attn_norm(x), layer, cache, index, start)
+        x = x + attended
+        return x + self.mlp(self.mlp_norm(x)), cache
 
 
 class DiffTransformer(nnx.Module):
@@ -93,6 +101,36 @@ class DiffTransformer(nnx.Module):
             return constrain(block_call(block, x, positions, segment_ids, layer), ACTIVATIONS)
 
         x = run_layers(constrain(self.embed(tokens), ACTIVATIONS), self.blocks, self.layer_constants())
+        return self.logits(x)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Final norm and LM head: `[B, T, E]` hidden states -> `[B, T, vocab]` logits."""
         x = self.final_norm(x)
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
         return constrain(logits, ("act_batch", "act_length", "act_vocab"))
+
+    def init_cache(self, batch: int, length: int) -> KVCache:
+        """An empty KV cache for `batch` sequences of up to `length` positions."""
+        attn = self.blocks.attn
+
+        def stack(projection: nnx.Linear) -> jax.Array:
+            heads = projection.out_features // attn.head_dim
+            return jnp.zeros((self.cfg.num_layers, batch, length, heads, attn.head_dim), self.cfg.dtype)
+
+        return KVCache(stack(attn.k_proj), stack(attn.v_proj))
+
+    def decode(self, tokens: jax.Array, cache: KVCache, start: jax.Array) -> tuple[jax.Array, KVCache]:
+        """Logits of int `[B, T]` tokens at positions `start + [0, T)` given the earlier positions' keys and
+        values in `cache`, and the cache with these tokens' added: `__call__`'s logits, a step at a time."""
+        start = jnp.asarray(start, jnp.int32)
+
+        @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=nnx.Carry, transform_metadata=LAYER_AXIS)
+        def run_layers(
+            carry: tuple[jax.Array, KVCache], block: Block, layer: LayerConstants, index: jax.Array
+        ) -> tuple[jax.Array, KVCache]:
+            x, cache = carry
+            return block.decode(x, layer, cache, index, start)
+
+        layers = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
+        x, cache = run_layers((self.embed(tokens), cache), self.blocks, self.layer_constants(), layers)
+        return self.logits(x), cache

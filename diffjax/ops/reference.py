@@ -5,6 +5,9 @@ Shapes: queries `[B, T, Hq, d]`, keys `[B, T, Hkv, d]`, values `[B, T, Hkv, dv]`
 `segment_ids` `[B, T]` (0 = padding) restricts attention to the query's own document; attention is
 always causal. Casts follow SPEC section 1: logits in the activation dtype, softmax in float32, the
 probabilities cast back before they meet V.
+
+`masked_attention` and `masked_diff_attention` take an explicit mask instead, so queries may be fewer than
+keys: decoding attends the new tokens against a whole KV cache (`diffjax.ops.dispatch.CachedCore`).
 """
 
 import jax
@@ -44,7 +47,12 @@ def _weighted_values(probs: jax.Array, v: jax.Array) -> jax.Array:
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
     """Causal softmax attention `[B, T, Hq, d] -> [B, T, Hq, dv]` (standard baseline and V2)."""
-    mask = _mask(segment_ids, q.shape[1])
+    return masked_attention(q, k, v, _mask(segment_ids, q.shape[1]))
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention of `[B, T, Hq, d]` queries over `[B, S, Hkv, d]` keys where boolean `mask`
+    (broadcastable to `[B, 1, 1, T, S]`) allows."""
     return _weighted_values(_probabilities(q, k, mask), v)
 
 
@@ -63,7 +71,13 @@ def diff_attention(
     formed separately and combined in the activation dtype, in Hugging Face DiffLlama's order, for
     bfloat16 parity with it.
     """
-    mask = _mask(segment_ids, q1.shape[1])
-    out1 = _weighted_values(_probabilities(q1, k1, mask), v)
-    out2 = _weighted_values(_probabilities(q2, k2, mask), v)
+    return masked_diff_attention(q1, q2, k1, k2, v, lam, _mask(segment_ids, q1.shape[1]))
+
+
+def masked_diff_attention(
+    q1: jax.Array, q2: jax.Array, k1: jax.Array, k2: jax.Array, v: jax.Array, lam: jax.Array, mask: jax.Array
+) -> jax.Array:
+    """`diff_attention` with an explicit mask, as in `masked_attention`."""
+    out1 = masked_attention(q1, k1, v, mask)
+    out2 = masked_attention(q2, k2, v, mask)
     return out1 - lam * out2
