@@ -62,6 +62,12 @@ def _row(step: int, results: dict[str, Any]) -> dict[str, str]:
         row["ppl"] = f"{tasks['perplexity']['perplexity']:.3f}"
     if "needles" in tasks:
         row |= {f"needles {k}": f"{v:.2f}" for k, v in tasks["needles"]["accuracy_by_counts"].items()}
+    if "attention" in tasks:
+        row["answer share"] = f"{tasks['attention']['answer']:.3f}"
+        row["noise share"] = f"{tasks['attention']['noise']:.3f}"
+    if "outliers" in tasks:
+        row["logit top-1"] = f"{tasks['outliers']['attention_logits']['top-1']:.1f}"
+        row["hidden top-1"] = f"{tasks['outliers']['hidden_states']['top-1']:.1f}"
     if tasks.get("lambda", {}).get("applies"):
         row["mean lambda"] = f"{np.mean(tasks['lambda']['lambda']):.3f}"
     return row

@@ -15,6 +15,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from diffjax.model.layers import RMSNorm, apply_rope, dense, param
 from diffjax.model.model_config import ModelConfig
+from diffjax.ops import reference
 from diffjax.ops.dispatch import AttentionCore, CachedCore
 from diffjax.parallel.sharding import constrain
 
@@ -39,6 +40,25 @@ class KVCache(NamedTuple):
 
     keys: jax.Array
     values: jax.Array
+
+
+class AttentionMaps(NamedTuple):
+    """One layer's attention laid open, float32, for evaluation: `positive - negative` weights the values.
+
+    Query heads follow the Hugging Face layout; the maps have one head per output head (H for differential
+    attention, 2H for the standard baseline). `mask` (boolean, broadcastable to `[B, 1, T, T]`) marks the
+    (query, key) pairs attention may see; elsewhere logits are meaningless and maps are zero.
+    """
+
+    logits: jax.Array  # [B, Hq, T, T]: q k^T / sqrt(d) of every query head (both branches of DIFF)
+    positive: jax.Array  # [B, H, T, T]: A (standard), A1 (v1), the even heads' A (v2)
+    negative: jax.Array | None  # [B, H, T, T]: lambda A2 (v1), lambda_t times the odd heads' A (v2), None
+    mask: jax.Array
+
+    @property
+    def effective(self) -> jax.Array:
+        """The map the values are weighted by: A, or A1 - lambda A2."""
+        return self.positive if self.negative is None else self.positive - self.negative
 
 
 class _ProjectedAttention(nnx.Module):
@@ -69,6 +89,10 @@ class _ProjectedAttention(nnx.Module):
         self, x: jax.Array, qkv: Heads, layer: LayerConstants, core: AttentionCore, segment_ids: Segments
     ) -> jax.Array:
         """The layer's output for input `x` from its projected heads `(q, k, v)`, attending through `core`."""
+        raise NotImplementedError
+
+    def maps(self, x: jax.Array, qkv: Heads, layer: LayerConstants, mask: jax.Array) -> AttentionMaps:
+        """The attention maps `attend` applies to input `x`, densely (`mask` from `reference.causal_mask`)."""
         raise NotImplementedError
 
     def __call__(
@@ -135,6 +159,13 @@ class DiffAttention(_ProjectedAttention):
         out = (self.subln(out).astype(jnp.float32) * layer.output_scale).astype(x.dtype)
         return self.o_proj(out.reshape(*x.shape[:2], -1))
 
+    def maps(self, x: jax.Array, qkv: Heads, layer: LayerConstants, mask: jax.Array) -> AttentionMaps:
+        (q, k, _), h, g = qkv, self.num_heads, self.num_kv_heads
+        logits1, first = reference.scores(q[:, :, :h], k[:, :, :g], mask)
+        logits2, second = reference.scores(q[:, :, h:], k[:, :, g:], mask)
+        lam = self.lambda_full(layer.lambda_init, x.dtype).astype(jnp.float32)
+        return AttentionMaps(jnp.concatenate([logits1, logits2], axis=1), first, lam * second, mask[:, 0])
+
 
 class DiffAttentionV2(_ProjectedAttention):
     """Differential attention v2 (SPEC section 3): adjacent query-head pairs, per-token sigmoid lambda."""
@@ -153,6 +184,12 @@ class DiffAttentionV2(_ProjectedAttention):
         out = attn[:, :, 0::2] - lam[..., None] * attn[:, :, 1::2]
         return self.o_proj(out.reshape(*x.shape[:2], -1))
 
+    def maps(self, x: jax.Array, qkv: Heads, layer: LayerConstants, mask: jax.Array) -> AttentionMaps:
+        del layer
+        (q, k, _), lam = qkv, jax.nn.sigmoid(self.lambda_proj(x).astype(jnp.float32))
+        logits, probs = reference.scores(q, k, mask)
+        return AttentionMaps(logits, probs[:, 0::2], lam.transpose(0, 2, 1)[..., None] * probs[:, 1::2], mask[:, 0])
+
 
 class StandardAttention(_ProjectedAttention):
     """The paper's baseline: softmax attention with 2H heads of width d, same parameter count as v1."""
@@ -167,6 +204,11 @@ class StandardAttention(_ProjectedAttention):
         del layer  # no differential terms
         out = checkpoint_name(core.attention(*qkv, segment_ids), ATTENTION_OUTPUT)
         return self.o_proj(out.reshape(*x.shape[:2], -1))
+
+    def maps(self, x: jax.Array, qkv: Heads, layer: LayerConstants, mask: jax.Array) -> AttentionMaps:
+        del x, layer
+        logits, probs = reference.scores(qkv[0], qkv[1], mask)
+        return AttentionMaps(logits, probs, None, mask[:, 0])
 
 
 ATTENTION_TYPES: dict[str, type[nnx.Module]] = {

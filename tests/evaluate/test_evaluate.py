@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import subprocess
 import sys
@@ -18,14 +19,16 @@ from diffjax.evaluate import compare as compare_module
 from diffjax.evaluate.load import load_model
 from diffjax.evaluate.results import RESULTS
 from diffjax.evaluate.runner import evaluate
-from diffjax.evaluate.tasks import TASKS, lambdas, select
-from diffjax.evaluate.tasks.base import EvalContext, EvalOptions, NeedleGrid
-from diffjax.evaluate.tasks.needles import check_grid, encode_document, score_queries
+from diffjax.evaluate.tasks import TASKS, attention, lambdas, outliers, select
+from diffjax.evaluate.tasks.base import EvalContext, EvalOptions, GenerationOptions, NeedleGrid
+from diffjax.evaluate.tasks.needles import NeedleItem, check_grid, encode_document, score_queries
 from diffjax.train.step import loss_sums
 
 PNG = b"\x89PNG\r\n\x1a\n"
 GRID = NeedleGrid(lengths=(300, 400), depths=(0.0, 1.0), counts=((1, 1), (2, 2)), documents=2, batch_size=4)
-OPTIONS = EvalOptions(split="validation", batches=2, needles=GRID)
+OPTIONS = EvalOptions(
+    split="validation", batches=2, needles=GRID, outlier_batches=2, generation=GenerationOptions(max_tokens=8)
+)
 SETTINGS = dict(seq_len=32, batch_size=4, eval_batches=2)
 
 
@@ -53,13 +56,15 @@ def assert_png(path):
 
 
 def test_every_task_writes_results_and_figures(diff_run, data_dir, capsys):
-    target = evaluate(diff_run, None, ["perplexity", "needles", "lambda"], OPTIONS, data_dir)
+    target = evaluate(diff_run, None, list(TASKS), OPTIONS, data_dir)
     assert target == diff_run / "eval" / "2"
     results = json.loads((target / RESULTS).read_text())
     assert results["step"] == 2 and results["model"]["attention_type"] == "diff"
     tasks = results["tasks"]
-    for name in ("perplexity", "needles", "lambda"):
+    assert set(tasks) == set(TASKS)
+    for name in ("perplexity", "needles", "attention", "outliers", "lambda"):
         assert_png(target / tasks[name]["figure"])
+    assert_png(target / tasks["attention"]["map_figure"])
 
     perplexity = tasks["perplexity"]
     assert perplexity["perplexity"] == pytest.approx(np.exp(perplexity["loss"]))
@@ -75,10 +80,29 @@ def test_every_task_writes_results_and_figures(diff_run, data_dir, capsys):
     assert all(cell["queries"] == 2 * cell["num_queries"] for cell in needles["cells"])
     assert 0.0 <= needles["accuracy"] <= 1.0
 
+    shares = tasks["attention"]
+    assert (
+        shares["documents"] == 16 and len(shares["answer_by_layer"]) == 2 and set(shares["by_depth"]) == {"0.0", "1.0"}
+    )
+    assert 0 < shares["answer"] < 0.2 < shares["noise"] < 1  # an untrained model spreads its attention
+
+    for kind in outliers.KINDS:
+        ranked = tasks["outliers"][kind]
+        values = [ranked[f"top-{k}"] for k in outliers.RANKS]
+        assert values == sorted(values, reverse=True) and 0 < ranked["median"] < values[-1]
+        assert len(tasks["outliers"][f"{kind}_by_layer"]) == 2
+
     lam = tasks["lambda"]
     assert lam["applies"] and np.allclose(lam["lambda_init"], 0.8 - 0.6 * np.exp(-0.3 * np.arange(2)))
+
+    generated = tasks["generate"]
+    assert [s["prompt"] for s in generated["samples"]] == [config.sample_prompt]
+    assert all(s["cache_matches_recomputation"] and 1 <= s["tokens"] <= 8 for s in generated["samples"])
+    assert generated["needle"]["expected"].strip().isdigit()
     printed = capsys.readouterr().out
-    assert "perplexity  loss" in printed and "needles N=2,R=2" in printed and "lambda by layer" in printed
+    for line in ("perplexity  loss", "needles N=2,R=2", "lambda by layer", "attention of the answer's query"):
+        assert line in printed
+    assert "activation outliers over" in printed and "cache == recomputation           yes" in printed
 
 
 def test_lambda_is_the_models_own(diff_run):
@@ -144,8 +168,6 @@ def test_bad_grids_and_tasks_are_usage_errors(diff_run, data_dir):
         check_grid(NeedleGrid((300,), (0.5,), ((6, 2),), 1, 1))
     with pytest.raises(UsageError, match="depths are fractions"):
         check_grid(NeedleGrid((300,), (1.5,), ((1, 1),), 1, 1))
-    with pytest.raises(UsageError, match="'attention' is not available yet"):
-        select(["perplexity", "attention"])
     with pytest.raises(UsageError, match="unknown task 'perplexiti'"):
         select(["perplexiti"])
     with pytest.raises(ConfigError, match=r"no checkpoint of step 7 .* holds steps \[2\]"):
@@ -158,7 +180,7 @@ def test_compare_puts_two_runs_side_by_side(diff_run, standard_run, tmp_path, da
     for workdir in runs:
         (workdir / "metrics.jsonl").write_text("".join(f'{{"step": {s}, "loss": {5 - s}}}\n' for s in range(1, 4)))
         (workdir / "eval.jsonl").write_text('{"step": 0, "eval_loss": 5.5}\n{"step": 3, "eval_loss": 2.5}\n')
-        evaluate(workdir, None, ["needles", "lambda"], EvalOptions("validation", 1, grid), data_dir)
+        evaluate(workdir, None, ["needles", "attention", "lambda"], EvalOptions("validation", 1, grid), data_dir)
     capsys.readouterr()
     out = compare_module.compare(runs)
     assert out == standard_run / "eval" / "compare"
@@ -169,6 +191,7 @@ def test_compare_puts_two_runs_side_by_side(diff_run, standard_run, tmp_path, da
         summary["table"][names[1]]["needles N=1,R=1"] in ("0.00", "1.00")
         and "mean lambda" in summary["table"][names[1]]
     )
+    assert all(0 <= float(row["answer share"]) <= 1 for row in summary["table"].values())
     assert_png(out / compare_module.CURVES)
     assert_png(out / compare_module.BARS)
     printed = capsys.readouterr().out.splitlines()
@@ -181,7 +204,8 @@ def test_compare_puts_two_runs_side_by_side(diff_run, standard_run, tmp_path, da
     ("args", "message"),
     [
         (["--workdir=/nonexistent/run"], "workdir /nonexistent/run does not exist"),
-        (["--workdir=.", "--tasks=outliers"], "task 'outliers' is not available yet"),
+        (["--workdir=.", "--tasks=noise"], "unknown task 'noise'"),
+        (["--workdir=.", "--temperature=-1"], "temperature=-1.0 must be >= 0"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(args, message):
@@ -191,3 +215,96 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith("python -m diffjax.evaluate: error: ") and message in lines[0]
+
+
+def _needle_item(depth: float = 0.5) -> NeedleItem:
+    tokenizer = ByteTokenizer()
+    filler = split_sentences(corpus.python_docs("validation"))
+    document = make_document(filler, 0, seed=5, context_length=600, num_needles=4, num_queries=2, depth=depth)
+    return NeedleItem(600, (4, 2), depth, document, *encode_document(tokenizer, document))
+
+
+def test_key_regions_mark_the_answer_where_the_needle_states_it():
+    tokenizer, item = ByteTokenizer(), _needle_item()
+    regions = attention.key_regions(tokenizer, item)
+    assert regions.shape == (2, len(item.ids))
+    haystack_end = 1 + len(" ".join(item.document.haystack))
+    for row, (city, answer) in enumerate(zip(item.document.cities, item.document.answers, strict=True)):
+        assert tokenizer.decode(item.ids[regions[row] == attention.ANSWER]) == answer
+        needle = f"The magic number for {city} is {answer}."
+        other = tokenizer.decode(item.ids[:haystack_end][regions[row, :haystack_end] == attention.OTHER])
+        assert other == needle.replace(answer, "")  # BOS decodes to nothing
+        assert (regions[row, haystack_end:] == attention.OTHER).all()  # the question lines
+        noise = tokenizer.decode(item.ids[regions[row] == attention.NOISE])
+        assert needle not in noise and len(noise) == haystack_end - 1 - len(needle)
+
+
+def test_attention_shares_sum_to_one_with_the_rest_of_the_context():
+    regions = np.array([[0, 2, 2, 1, 1, 2, 0, 0]])
+    rows = np.random.default_rng(0).random((3, 4, 1, 8))  # any positive rows, unnormalised
+    answer, noise = attention.region_shares(rows, regions)
+    other = rows[..., [0, 6, 7]].sum(-1) / rows.sum(-1)
+    np.testing.assert_allclose(answer + noise + other, 1.0)
+    np.testing.assert_allclose(answer, rows[..., [3, 4]].sum(-1) / rows.sum(-1))
+    differential = rows - 0.5 * rows[..., ::-1]  # A1 - lambda A2: negative entries, rows sum to 1 - lambda
+    answer, noise = attention.region_shares(differential, regions)
+    np.testing.assert_allclose(answer + noise + differential[..., [0, 6, 7]].sum(-1) / differential.sum(-1), 1.0)
+
+
+def test_attention_forced_onto_the_answer_scores_one(diff_run, data_dir, tmp_path, monkeypatch):
+    """The answer is found from the tokens alone (the digits the query is about to predict, earlier in the
+    document), so this checks the task's regions and bookkeeping, not a copy of them."""
+
+    def forced_rows(graphdef, params, tokens, queries):
+        tokens, queries = np.asarray(tokens), np.asarray(queries)
+        rows = np.zeros((2, *queries.shape[:1], 2, queries.shape[1], tokens.shape[1]), np.float32)
+        for b, r in np.ndindex(queries.shape):
+            digits = tokens[b, queries[b, r] + 2 : queries[b, r] + 9]  # after the answer's space
+            (at,) = [t for t in range(queries[b, r]) if np.array_equal(tokens[b, t : t + 7], digits)]
+            rows[:, b, :, r, at : at + 7] = 1 / 7
+        return rows
+
+    monkeypatch.setattr(attention, "query_rows", forced_rows)
+    model, config = load_model(diff_run)
+    context = EvalContext(model, config, ByteTokenizer(), OPTIONS, tmp_path, "forced")
+    result = attention.run(context).figures
+    assert result["answer"] == pytest.approx(1.0) and result["noise"] == pytest.approx(0.0, abs=1e-7)
+    assert all(v["answer"] == pytest.approx(1.0) for v in result["by_depth"].values())
+    with pytest.raises(UsageError, match="--attention_layer=2 --attention_head=0: this model has 2 layers"):
+        attention.run(dataclasses.replace(context, options=dataclasses.replace(OPTIONS, map_layer=2)))
+
+
+def test_outlier_statistics_are_exact_tops_and_a_close_median():
+    rng = np.random.default_rng(0)
+    values = np.exp(rng.normal(0, 2, (3, 2, 500)))  # [layers, batches, values], spanning decades
+    magnitudes = outliers.Magnitudes(3)
+    for batch in range(2):
+        top = -np.sort(-values[:, batch], axis=1)[:, : max(outliers.RANKS)]
+        counts = np.stack([np.histogram(v, outliers.EDGES)[0] for v in values[:, batch]])
+        magnitudes.add(top, counts)
+    everything = -np.sort(-values.ravel())
+    ranked = magnitudes.ranked()
+    assert [ranked[f"top-{k}"] for k in outliers.RANKS] == [everything[k - 1] for k in outliers.RANKS]
+    lower_median = np.sort(values.ravel())[(values.size - 1) // 2]
+    assert ranked["median"] == pytest.approx(lower_median, rel=0.006)
+    assert magnitudes.ranked(1)["top-1"] == values[1].max()
+    assert magnitudes.ranked(1)["median"] == pytest.approx(np.sort(values[1].ravel())[499], rel=0.006)
+
+
+def test_outliers_measure_the_models_own_activations(diff_run, data_dir):
+    model, config = load_model(diff_run)
+    config.data.data_dir = data_dir
+    batch = eval_batches(config, ByteTokenizer(), count=1)[0]
+    stats = outliers.layer_magnitudes(model.graphdef, model.params, batch)
+    module = model.module
+    args = (batch["inputs"], batch["positions"], batch["segment_ids"])
+    hidden, logits, mask = module.probe(args[0], lambda x, maps: (x, maps.logits, maps.mask), *args[1:])
+    real = np.asarray(batch["segment_ids"]) != 0
+    for layer in range(2):
+        seen = np.broadcast_to(np.asarray(mask[layer]), logits.shape[1:])
+        expected_logits = np.sort(np.abs(np.asarray(logits[layer]))[seen])[::-1]
+        expected_hidden = np.sort(np.abs(np.asarray(hidden[layer]))[real].ravel())[::-1]
+        for kind, expected in (("attention_logits", expected_logits), ("hidden_states", expected_hidden)):
+            top, counts = (np.asarray(x[layer]) for x in stats[kind])
+            np.testing.assert_allclose(top, expected[:100], rtol=1e-6)
+            assert counts.sum() == expected.size

@@ -151,3 +151,19 @@ def test_cached_decoding_gives_the_logits_of_the_whole_sequence(tiny_model_confi
 
     expected = nnx.merge(graphdef, params)(tokens)
     np.testing.assert_allclose(prefill_then_steps(params), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+def test_probe_sees_the_forward_pass(tiny_model_config, attention_type):
+    """`probe` hands `reduce` each layer's output and maps: the last output gives `__call__`'s logits
+    (packed documents included), and each layer's effective map keeps a document to itself."""
+    cfg = dataclasses.replace(tiny_model_config, attention_type=attention_type)
+    model = DiffTransformer(cfg, rngs=nnx.Rngs(0))
+    batch = _batch(cfg.vocab_size)
+    args = (batch["inputs"], batch["positions"], batch["segment_ids"])
+    hidden, effective = model.probe(args[0], lambda x, maps: (x, maps.effective), *args[1:])
+    assert hidden.shape == (cfg.num_layers, *args[0].shape, cfg.emb_dim)
+    np.testing.assert_allclose(model.logits(hidden[-1]), model(*args), rtol=1e-5, atol=1e-5)
+    half = args[0].shape[1] // 2
+    assert effective.shape[:2] == (cfg.num_layers, 2) and not np.asarray(effective[..., half:, :half]).any()
+    assert np.asarray(effective[..., half:, half:]).any()

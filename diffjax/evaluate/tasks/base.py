@@ -8,6 +8,7 @@ import jax
 import ml_collections
 
 from diffjax.data.tokenizer import Tokenizer
+from diffjax.evaluate.generate import GREEDY, Sampling
 from diffjax.evaluate.load import LoadedModel
 
 
@@ -23,10 +24,22 @@ class NeedleGrid:
 
 
 @dataclasses.dataclass(frozen=True)
+class GenerationOptions:
+    prompts: tuple[str, ...] = ()  # empty: the run's `sample_prompt`
+    max_tokens: int = 64
+    sampling: Sampling = GREEDY
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalOptions:
-    split: str  # perplexity: the data split
+    split: str  # perplexity and outliers: the data split
     batches: int  # perplexity: batches of the split (0: the run's eval_batches; fewer when the split is shorter)
-    needles: NeedleGrid
+    needles: NeedleGrid  # needles, attention (and the needle question of generate)
+    map_layer: int = -1  # attention: the layer (negative: from the last) and head of the map figure
+    map_head: int = 0
+    outlier_batches: int = 2  # outliers: batches of the split
+    generation: GenerationOptions = GenerationOptions()
 
 
 @dataclasses.dataclass(frozen=True)

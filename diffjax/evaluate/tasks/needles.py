@@ -95,15 +95,19 @@ def greedy_tokens(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array) 
 
 
 @dataclasses.dataclass(frozen=True)
-class _Item:
+class NeedleItem:
+    """One document of the grid, encoded."""
+
     length: int
     counts: tuple[int, int]
     depth: float
+    document: NeedleDocument
     ids: np.ndarray
     spans: tuple[AnswerSpan, ...]
 
 
-def _items(grid: NeedleGrid, tokenizer: Tokenizer, seed: int) -> list[_Item]:
+def needle_items(grid: NeedleGrid, tokenizer: Tokenizer, seed: int) -> list[NeedleItem]:
+    """Every document of `grid`, ordered by length, then (N, R), then depth."""
     filler = split_sentences(corpus.python_docs("validation"))
     items = []
     cells = itertools.product(grid.lengths, grid.counts, grid.depths, range(grid.documents))
@@ -111,11 +115,11 @@ def _items(grid: NeedleGrid, tokenizer: Tokenizer, seed: int) -> list[_Item]:
         document = make_document(
             filler, index, seed=seed, context_length=length, num_needles=n, num_queries=r, depth=depth
         )
-        items.append(_Item(length, (n, r), depth, *encode_document(tokenizer, document)))
+        items.append(NeedleItem(length, (n, r), depth, document, *encode_document(tokenizer, document)))
     return items
 
 
-def _score(context: EvalContext, items: list[_Item]) -> list[list[bool]]:
+def _score(context: EvalContext, items: list[NeedleItem]) -> list[list[bool]]:
     """Per item, whether each query is retrieved; batches of one fixed shape per context length."""
     model, size = context.model, context.options.needles.batch_size
     scores: list[list[bool]] = []
@@ -136,7 +140,7 @@ def _score(context: EvalContext, items: list[_Item]) -> list[list[bool]]:
 
 def run(context: EvalContext) -> TaskResult:
     grid = context.options.needles
-    items = _items(grid, context.tokenizer, context.config.data.needles.seed + SEED_OFFSET)
+    items = needle_items(grid, context.tokenizer, context.config.data.needles.seed + SEED_OFFSET)
     scores = _score(context, items)
     cells = []
     for (length, counts, depth), group in itertools.groupby(
