@@ -17,7 +17,6 @@ within a boundary merge for SentencePiece.
 """
 
 import functools
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +29,7 @@ from diffjax.data.needles import NEEDLE
 from diffjax.data.tokenizer import Tokenizer
 from diffjax.evaluate import plots
 from diffjax.evaluate.tasks.base import EvalContext, TaskResult
-from diffjax.evaluate.tasks.needles import SEED_OFFSET, NeedleItem, needle_items
+from diffjax.evaluate.tasks.needles import SEED_OFFSET, NeedleItem, needle_items, padded_batches
 from diffjax.model.attention import AttentionMaps
 
 SHARES_FIGURE = "attention_shares.png"
@@ -126,27 +125,20 @@ def run(context: EvalContext) -> TaskResult:
 
 def _shares(context: EvalContext, items: list[NeedleItem]) -> tuple[np.ndarray, np.ndarray]:
     """Answer and noise shares `[documents, layers]`, each the mean over heads and questions."""
-    model, size = context.model, context.options.needles.batch_size
-    answer, noise = [], []
+    model, size, answer, noise = context.model, context.options.needles.batch_size, [], []
     with tqdm(total=len(items), desc="attention", unit="doc") as bar:
-        for _, group in itertools.groupby(items, key=lambda item: (item.length, item.counts)):
-            group = list(group)
-            width = max(len(item.ids) for item in group)
-            for start in range(0, len(group), size):
-                chunk = group[start : start + size]
-                tokens = np.zeros((size, width), np.int32)  # right-padded: causal attention never sees it
-                queries = np.zeros((size, len(chunk[0].spans)), np.int32)
-                for row, item in enumerate(chunk):
-                    tokens[row, : len(item.ids)] = item.ids
-                    queries[row] = [span.start - 1 for span in item.spans]
-                rows = np.asarray(query_rows(model.graphdef, model.params, tokens, queries))
-                for row, item in enumerate(chunk):
-                    regions = np.zeros((len(item.spans), width), np.int8)
-                    regions[:, : len(item.ids)] = key_regions(context.tokenizer, item)
-                    a, n = region_shares(rows[:, row], regions)  # [layers, heads, R]
-                    answer.append(a.mean(axis=(1, 2)))
-                    noise.append(n.mean(axis=(1, 2)))
-                bar.update(len(chunk))
+        for chunk, tokens in padded_batches(items, size, lambda item: (item.length, item.counts)):
+            queries = np.zeros((size, len(chunk[0].spans)), np.int32)  # one R per (length, counts)
+            for row, item in enumerate(chunk):
+                queries[row] = [span.start - 1 for span in item.spans]
+            rows = np.asarray(query_rows(model.graphdef, model.params, tokens, queries))
+            for row, item in enumerate(chunk):
+                regions = np.zeros((len(item.spans), tokens.shape[1]), np.int8)
+                regions[:, : len(item.ids)] = key_regions(context.tokenizer, item)
+                a, n = region_shares(rows[:, row], regions)  # [layers, heads, R]
+                answer.append(a.mean(axis=(1, 2)))
+                noise.append(n.mean(axis=(1, 2)))
+            bar.update(len(chunk))
     return np.stack(answer), np.stack(noise)
 
 

@@ -13,7 +13,7 @@ was trained on; every depth of one (length, N, R, index) holds the same needles 
 import dataclasses
 import functools
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -119,22 +119,30 @@ def needle_items(grid: NeedleGrid, tokenizer: Tokenizer, seed: int) -> list[Need
     return items
 
 
+def padded_batches(
+    items: list[NeedleItem], size: int, key: Callable[[NeedleItem], Hashable]
+) -> Iterator[tuple[list[NeedleItem], np.ndarray]]:
+    """Runs of up to `size` consecutive items of equal `key`, with their ids as one right-padded `[size, T]`
+    array (causal attention never sees the padding); one shape per key, so one compile per key."""
+    for _, group in itertools.groupby(items, key=key):
+        group = list(group)
+        width = max(len(item.ids) for item in group)
+        for start in range(0, len(group), size):
+            chunk = group[start : start + size]
+            tokens = np.zeros((size, width), np.int32)
+            for row, item in enumerate(chunk):
+                tokens[row, : len(item.ids)] = item.ids
+            yield chunk, tokens
+
+
 def _score(context: EvalContext, items: list[NeedleItem]) -> list[list[bool]]:
     """Per item, whether each query is retrieved; batches of one fixed shape per context length."""
-    model, size = context.model, context.options.needles.batch_size
-    scores: list[list[bool]] = []
+    model, scores = context.model, []
     with tqdm(total=len(items), desc="needles", unit="doc") as bar:
-        for _, group in itertools.groupby(items, key=lambda item: item.length):
-            group = list(group)
-            width = max(len(item.ids) for item in group)
-            for start in range(0, len(group), size):
-                chunk = group[start : start + size]
-                tokens = np.zeros((size, width), np.int32)  # right-padded: causal attention never sees it
-                for row, item in enumerate(chunk):
-                    tokens[row, : len(item.ids)] = item.ids
-                predicted = np.asarray(greedy_tokens(model.graphdef, model.params, tokens))
-                scores += [score_queries(predicted[row], item.spans) for row, item in enumerate(chunk)]
-                bar.update(len(chunk))
+        for chunk, tokens in padded_batches(items, context.options.needles.batch_size, lambda item: item.length):
+            predicted = np.asarray(greedy_tokens(model.graphdef, model.params, tokens))
+            scores += [score_queries(predicted[row], item.spans) for row, item in enumerate(chunk)]
+            bar.update(len(chunk))
     return scores
 
 
