@@ -4,7 +4,7 @@
         [--tasks=perplexity,needles,attention,outliers,lambda,generate] [--split=validation] [--batches=N] \\
         [--needle_lengths=512,1024,2048] [--needle_depths=0,0.25,0.5,0.75,1] [--needle_counts=1x1,2x2,4x2,6x2] \\
         [--needle_documents=4] [--needle_batch_size=8] [--attention_layer=-1 --attention_head=0] \\
-        [--outlier_batches=2] [--prompts="The ",...] [--max_tokens=64] [--temperature=0 --top_k=0 --top_p=1] \\
+        [--outlier_batches=2] [--prompt="The " ...] [--max_tokens=64] [--temperature=0 --top_k=0 --top_p=1] \\
         [--seed=0] [--data_dir=DIR]
     python -m diffjax.evaluate compare --runs=runs/tiny_diff,runs/tiny_standard [--out=DIR]
 
@@ -37,7 +37,9 @@ _MAP_LAYER = flags.DEFINE_integer(
 )
 _MAP_HEAD = flags.DEFINE_integer("attention_head", 0, "attention: head of the map figure.")
 _OUTLIER_BATCHES = flags.DEFINE_integer("outlier_batches", 2, "outliers: batches of the split.")
-_PROMPTS = flags.DEFINE_list("prompts", [], "generate: prompts, comma-separated (default: the run's sample_prompt).")
+_PROMPTS = flags.DEFINE_multi_string(
+    "prompt", [], "generate: a prompt; repeat for more (default: the run's sample_prompt)."
+)
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 64, "generate: tokens per prompt at most.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "generate: softmax temperature; 0 is greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "generate: sample among the k most likely tokens only (0: all).")
