@@ -4,7 +4,7 @@
         [--tasks=perplexity,needles,attention,outliers,lambda,generate] [--split=validation] [--batches=N] \\
         [--needle_lengths=512,1024,2048] [--needle_depths=0,0.25,0.5,0.75,1] [--needle_counts=1x1,2x2,4x2,6x2] \\
         [--needle_documents=4] [--needle_batch_size=8] [--attention_layer=-1 --attention_head=0] \\
-        [--outlier_batches=2] [--prompt="The " ...] [--max_tokens=64] [--temperature=0 --top_k=0 --top_p=1] \\
+        [--outlier_batches=2] [--prompt="The " ...] [--max_tokens=128] [--temperature=0 --top_k=0 --top_p=1] \\
         [--seed=0] [--data_dir=DIR]
     python -m diffjax.evaluate compare --runs=runs/tiny_diff,runs/tiny_standard [--out=DIR]
 
@@ -17,6 +17,7 @@ from pathlib import Path
 from absl import flags
 
 from diffjax.cli import UsageError, run_main
+from diffjax.evaluate import sampling_flags
 from diffjax.evaluate.tasks.base import EvalOptions, GenerationOptions, NeedleGrid
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to evaluate.")
@@ -37,14 +38,6 @@ _MAP_LAYER = flags.DEFINE_integer(
 )
 _MAP_HEAD = flags.DEFINE_integer("attention_head", 0, "attention: head of the map figure.")
 _OUTLIER_BATCHES = flags.DEFINE_integer("outlier_batches", 2, "outliers: batches of the split.")
-_PROMPTS = flags.DEFINE_multi_string(
-    "prompt", [], "generate: a prompt; repeat for more (default: the run's sample_prompt)."
-)
-_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 64, "generate: tokens per prompt at most.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "generate: softmax temperature; 0 is greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "generate: sample among the k most likely tokens only (0: all).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "generate: sample among the most likely tokens holding this probability.")
-_SEED = flags.DEFINE_integer("seed", 0, "generate: random seed of the sampling.")
 _RUNS = flags.DEFINE_list("runs", [], "compare: evaluated run directories, comma-separated.")
 _OUT = flags.DEFINE_string("out", "", "compare: output directory (default: <first run>/eval/compare).")
 
@@ -69,7 +62,6 @@ def needle_grid() -> NeedleGrid:
 
 
 def evaluate() -> None:
-    from diffjax.evaluate.generate import Sampling
     from diffjax.evaluate.runner import evaluate as run_tasks
     from diffjax.evaluate.tasks import select
 
@@ -78,10 +70,9 @@ def evaluate() -> None:
     tasks = select(_TASKS.value)
     if _BATCHES.value < 0:
         raise UsageError("--batches must be >= 0 (0: the run's eval_batches)")
-    if _OUTLIER_BATCHES.value < 1 or _MAX_TOKENS.value < 1:
-        raise UsageError("--outlier_batches and --max_tokens must be positive")
-    sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
-    sampling.check()
+    if _OUTLIER_BATCHES.value < 1:
+        raise UsageError(f"--outlier_batches={_OUTLIER_BATCHES.value} must be at least 1")
+    sampling = sampling_flags.sampling()
     options = EvalOptions(
         _SPLIT.value,
         _BATCHES.value,
@@ -89,7 +80,9 @@ def evaluate() -> None:
         map_layer=_MAP_LAYER.value,
         map_head=_MAP_HEAD.value,
         outlier_batches=_OUTLIER_BATCHES.value,
-        generation=GenerationOptions(tuple(_PROMPTS.value), _MAX_TOKENS.value, sampling, _SEED.value),
+        generation=GenerationOptions(
+            tuple(sampling_flags.PROMPTS.value), sampling_flags.MAX_TOKENS.value, sampling, sampling_flags.SEED.value
+        ),
     )
     workdir = Path(_WORKDIR.value).expanduser()
     if not workdir.is_dir():

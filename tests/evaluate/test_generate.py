@@ -97,7 +97,14 @@ def test_bad_arguments_are_usage_errors(split_model, prompt, max_tokens, samplin
 def test_cli_prints_the_continuation_and_refuses_bad_input_with_one_line(tmp_path):
     save_run(tmp_path, [2])
     runs = {
-        "ok": [f"--workdir={tmp_path}", "--prompt=The ", "--max_tokens=8", "--temperature=0.8", "--top_k=5"],
+        "ok": [
+            f"--workdir={tmp_path}",
+            "--prompt=The ",
+            "--prompt=def ",
+            "--max_tokens=8",
+            "--temperature=0.8",
+            "--top_k=5",
+        ],
         "no workdir": [f"--workdir={tmp_path / 'nothing'}", "--prompt=The "],
         "no step": [f"--workdir={tmp_path}", "--step=7", "--prompt=The "],
         "empty prompt": [f"--workdir={tmp_path}", "--prompt="],
@@ -116,7 +123,7 @@ def test_cli_prints_the_continuation_and_refuses_bad_input_with_one_line(tmp_pat
     results = {name: (process, *process.communicate(timeout=300)) for name, process in processes.items()}
     process, out, err = results.pop("ok")
     assert process.returncode == 0, err[-3000:]
-    assert out.startswith("The ") and "step 2: " in out and "tokens/s" in out
+    assert out.startswith("The ") and "\ndef " in out and out.count("step 2: ") == 2 and "tokens/s" in out
     expected = {
         "no workdir": "no checkpoint at",
         "no step": "no checkpoint of step 7",
