@@ -181,17 +181,17 @@ def _plot_map(context: EvalContext, items: list[NeedleItem], layer: int, head: i
     query = item.spans[0].start - 1
     regions = key_regions(context.tokenizer, item)[0]
 
-    figure = plots.new_figure(4.2 * len(panels) + 1.0, 8.0)
+    figure = plots.new_figure(max(9.0, 4.2 * len(panels) + 1.0), 8.0)
     grid = figure.add_gridspec(2, len(panels), height_ratios=(3, 2))
     scale = max(float(np.quantile(np.abs(values[np.tril_indices(len(values))]), 0.999)) for _, values in panels)
-    for column, (name, values) in enumerate(panels):
-        axes = figure.add_subplot(grid[0, column])
+    maps = [figure.add_subplot(grid[0, column]) for column in range(len(panels))]
+    for axes, (name, values) in zip(maps, panels, strict=True):
         image = axes.imshow(values, cmap="RdBu_r", vmin=-scale, vmax=scale, interpolation="nearest")
         axes.axhline(query, color="k", linewidth=0.6, linestyle=":")
         axes.set_title(name)
         axes.set_xlabel("key position (token)")
         axes.set_ylabel("query position (token)")
-    figure.colorbar(image, ax=figure.axes, label="attention weight", shrink=0.8)
+    figure.colorbar(image, ax=maps, label="attention weight", shrink=0.8)
     row = figure.add_subplot(grid[1, :])
     for name, values in panels:
         row.plot(values[query, : query + 1], linewidth=1.0, label=name)
