@@ -127,17 +127,19 @@ def make_dataset(
     return batches
 
 
-def eval_batches(config: ml_collections.ConfigDict, tokenizer, **process) -> list[Batch]:
-    """The first `eval_batches` validation batches (all of the split if it holds fewer)."""
+def eval_batches(
+    config: ml_collections.ConfigDict, tokenizer, split: str = "validation", count: int = 0, **process
+) -> list[Batch]:
+    """The first `count` (0: `eval_batches`) batches of `split` (all of the split if it holds fewer)."""
     batches = []
-    iterator = iter(make_dataset(config, tokenizer, "validation", **process))
+    iterator = iter(make_dataset(config, tokenizer, split, **process))
     try:
         for batch in iterator:
             batches.append(batch)
-            if len(batches) == config.eval_batches:
+            if len(batches) == (count or config.eval_batches):
                 break
     finally:
         iterator.close()
     if not batches:
-        raise ConfigError("the validation split is empty; use another source or a larger data.validation_fraction")
+        raise ConfigError(f"the {split} split is empty; use another source or a larger data.validation_fraction")
     return batches

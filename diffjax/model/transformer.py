@@ -1,12 +1,16 @@
 """The decoder: pre-norm blocks stacked along a leading layer axis and run with a scan."""
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffjax.model.attention import ATTENTION_OUTPUT, ATTENTION_TYPES, LayerConstants
+from diffjax.model.attention import ATTENTION_OUTPUT, ATTENTION_TYPES, AttentionMaps, KVCache, LayerConstants
 from diffjax.model.layers import RMSNorm, SwiGLU, dense, logical
 from diffjax.model.model_config import ModelConfig
+from diffjax.ops.reference import causal_mask
 from diffjax.parallel.sharding import constrain
 
 LAYER_AXIS = {nnx.PARTITION_NAME: "layers"}  # the stacked-layer axis of every block parameter
@@ -33,8 +37,26 @@ class Block(nnx.Module):
     def __call__(
         self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, layer: LayerConstants
     ) -> jax.Array:
-        x = x + self.attn(self.attn_norm(x), positions, segment_ids, layer)
+        return self._add_mlp(x + self.attn(self.attn_norm(x), positions, segment_ids, layer))
+
+    def _add_mlp(self, x: jax.Array) -> jax.Array:
         return x + self.mlp(self.mlp_norm(x))
+
+    def decode(
+        self, x: jax.Array, layer: LayerConstants, cache: KVCache, index: jax.Array, start: jax.Array
+    ) -> tuple[jax.Array, KVCache]:
+        """`__call__` for tokens at positions `start + [0, T)`, attending through layer `index` of `cache`."""
+        attended, cache = self.attn.decode(self.attn_norm(x), layer, cache, index, start)
+        return self._add_mlp(x + attended), cache
+
+    def probe(
+        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, layer: LayerConstants
+    ) -> tuple[jax.Array, AttentionMaps]:
+        """`__call__`, and the attention maps it applied."""
+        normed = self.attn_norm(x)
+        qkv = self.attn.project(normed, positions)
+        maps = self.attn.maps(normed, qkv, layer, causal_mask(segment_ids, x.shape[1]))
+        return self._add_mlp(x + self.attn.attend(normed, qkv, layer, self.attn.core, segment_ids)), maps
 
 
 class DiffTransformer(nnx.Module):
@@ -80,8 +102,7 @@ class DiffTransformer(nnx.Module):
         `positions` (default `0..T-1`) feed RoPE; `segment_ids` (0 = padding) keep packed documents
         from attending to each other.
         """
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        positions = _default_positions(tokens, positions)
         block_call = Block.__call__
         if self.cfg.remat_policy != "none":
             block_call = nnx.remat(block_call, policy=REMAT_POLICIES[self.cfg.remat_policy])
@@ -93,6 +114,62 @@ class DiffTransformer(nnx.Module):
             return constrain(block_call(block, x, positions, segment_ids, layer), ACTIVATIONS)
 
         x = run_layers(constrain(self.embed(tokens), ACTIVATIONS), self.blocks, self.layer_constants())
+        return self.logits(x)
+
+    def probe(
+        self,
+        tokens: jax.Array,
+        reduce: Callable[[jax.Array, AttentionMaps], Any],
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> Any:
+        """`reduce(hidden, maps)` of every layer, stacked on a leading layer axis: what evaluation measures.
+
+        `hidden` `[B, T, E]` is the layer's output (the residual stream) and `maps` its attention, dense
+        and in float32; `reduce` runs inside the layer scan, so only what it keeps outlives the layer.
+        """
+        positions = _default_positions(tokens, positions)
+
+        @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), transform_metadata=LAYER_AXIS)
+        def run_layers(x: jax.Array, block: Block, layer: LayerConstants) -> tuple[jax.Array, Any]:
+            x, maps = block.probe(x, positions, segment_ids, layer)
+            return x, reduce(x, maps)
+
+        return run_layers(self.embed(tokens), self.blocks, self.layer_constants())[1]
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Final norm and LM head: `[B, T, E]` hidden states -> `[B, T, vocab]` logits."""
         x = self.final_norm(x)
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
         return constrain(logits, ("act_batch", "act_length", "act_vocab"))
+
+    def init_cache(self, batch: int, length: int) -> KVCache:
+        """An empty KV cache for `batch` sequences of up to `length` positions."""
+        attn = self.blocks.attn
+
+        def stack(projection: nnx.Linear) -> jax.Array:
+            heads = projection.out_features // attn.head_dim
+            return jnp.zeros((self.cfg.num_layers, batch, length, heads, attn.head_dim), self.cfg.dtype)
+
+        return KVCache(stack(attn.k_proj), stack(attn.v_proj))
+
+    def decode(self, tokens: jax.Array, cache: KVCache, start: jax.Array) -> tuple[jax.Array, KVCache]:
+        """Logits of int `[B, T]` tokens at positions `start + [0, T)` given the earlier positions' keys and
+        values in `cache`, and the cache with these tokens' added: `__call__`'s logits, a step at a time."""
+        start = jnp.asarray(start, jnp.int32)
+
+        @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=nnx.Carry, transform_metadata=LAYER_AXIS)
+        def run_layers(
+            carry: tuple[jax.Array, KVCache], block: Block, layer: LayerConstants, index: jax.Array
+        ) -> tuple[jax.Array, KVCache]:
+            x, cache = carry
+            return block.decode(x, layer, cache, index, start)
+
+        layers = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
+        x, cache = run_layers((self.embed(tokens), cache), self.blocks, self.layer_constants(), layers)
+        return self.logits(x), cache
+
+
+def _default_positions(tokens: jax.Array, positions: jax.Array | None) -> jax.Array:
+    """`positions`, or `0..T-1` for every row."""
+    return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape) if positions is None else positions

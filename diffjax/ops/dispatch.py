@@ -17,6 +17,9 @@ automatically): batch split as the `act_batch` rule says, heads as `act_heads`, 
 its own heads of its own sequences. That needs unsharded `act_length` and batch and head counts that
 divide over their mesh axes; where they do not, `auto` takes `blockwise` (which GSPMD partitions) and an
 explicit `pallas` is refused with the reason.
+
+Decoding with a KV cache uses `CachedCore` instead, whatever `attention_impl` says: the new tokens attend a
+whole cache, which the training cores (queries and keys of one length) do not cover.
 """
 
 import dataclasses
@@ -115,6 +118,27 @@ class AttentionCore:
         fused = functools.partial(getattr(pallas, name), kernel=kernel)
         args = (*heads, *scalars) if segment_ids is None else (*heads, *scalars, segment_ids)
         return _per_shard(fused, len(heads), len(scalars), segment_ids is not None)(*args)
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedCore(AttentionCore):
+    """`AttentionCore`'s contract for queries at cache slots `start + [0, T)` over a whole KV cache `[B, S, ...]`
+    whose slot is the token's position: slot `s` is visible to query `t` when `s <= start + t`.
+
+    The dense reference math with that mask: a decoding step has one query row, nothing for tiles to skip.
+    Slots past the query are masked, so whatever they hold (zeros, a padded prompt's tail) is never read.
+    A decoded row is one document, so there are no `segment_ids`.
+    """
+
+    impl: str = "reference"
+    start: jax.Array | int = dataclasses.field(default=0, kw_only=True)
+
+    def _call(
+        self, name: str, heads: tuple[jax.Array, ...], scalars: tuple[jax.Array, ...], segment_ids: None
+    ) -> jax.Array:
+        length, slots = heads[0].shape[1], heads[-1].shape[1]
+        visible = jnp.arange(slots)[None, :] <= self.start + jnp.arange(length)[:, None]
+        return getattr(reference, f"masked_{name}")(*heads, *scalars, visible[None, None, None])
 
 
 def _unshardable(heads: tuple[jax.Array, ...]) -> str | None:

@@ -12,7 +12,7 @@ import numpy as np
 from diffjax.config import ConfigError, check_tokenizer, model_config, validate
 from diffjax.data.pipeline import Batch, eval_batches, make_dataset
 from diffjax.data.tokenizer import load_tokenizer
-from diffjax.evaluate.generate import greedy_generate
+from diffjax.evaluate.generate import encode_prompt, generate
 from diffjax.parallel.mesh import initialize_distributed, make_mesh
 from diffjax.train.checkpoint import RunCheckpoints, find_checkpoint, restore_params, run_metadata
 from diffjax.train.flops import peak_tflops, training_flops_per_token
@@ -145,8 +145,8 @@ class _Session:
                 f"{result['last_eval_loss']:.4f} at step {config.total_steps}"
             )
         if config.sample_tokens and jax.process_count() == 1:
-            prompt = tokenizer.encode(config.sample_prompt)
-            generated = greedy_generate(self.trainer.options.graphdef, state.params, prompt, config.sample_tokens)
+            prompt = encode_prompt(tokenizer, config.sample_prompt)
+            generated = generate(self.trainer.options.graphdef, state.params, prompt, config.sample_tokens).tokens
             self.log(f"sample: {config.sample_prompt + tokenizer.decode(generated)!r}")
         return result
 

@@ -12,6 +12,7 @@ from flax import nnx
 
 from diffjax.model.attention import DiffAttention, DiffAttentionV2, LayerConstants, StandardAttention
 from diffjax.model.model_config import ModelConfig
+from diffjax.ops.reference import causal_mask
 
 from . import numpy_reference as ref
 
@@ -219,3 +220,50 @@ def test_packed_document_equals_document_alone(attention_type: str) -> None:
     alone_x = x[:1, 5:12]
     alone = run_layer(layer, alone_x, np.arange(7, dtype=np.int32)[None], None, 5)[0]
     assert_close(packed, alone)
+
+
+@pytest.mark.parametrize("num_kv_heads", [2, 1])
+@pytest.mark.parametrize("attention_type", list(LAYERS))
+def test_maps_are_the_ones_spec_defines(attention_type: str, num_kv_heads: int) -> None:
+    """`maps` (what evaluation inspects) against SPEC's maps built in float64 from the layer's own q and k:
+    A per head (standard), A1 and lambda A2 (v1), the pair (2p, 2p+1) with lambda_t (v2), and the logits."""
+    layer, params = make_layer(attention_type, num_kv_heads)
+    x, positions, segment_ids = inputs("packed")
+    init = ref.lambda_init(5)
+    x32 = jnp.asarray(x, jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        qkv = layer.project(x32, jnp.asarray(positions))
+        constants = LayerConstants(lambda_init=jnp.float32(init), output_scale=jnp.float32(1.0 - init))
+        maps = layer.maps(x32, qkv, constants, causal_mask(jnp.asarray(segment_ids), LENGTH))
+    q, k = (np.asarray(y, np.float64) for y in qkv[:2])
+    allowed = ref.allowed(segment_ids, BATCH, LENGTH)
+    num_q, num_k = q.shape[2], k.shape[2]
+    if attention_type == "diff":  # branch b of query head p reads key head b Hkv + p // (H / Hkv)
+        key_head = [
+            (j // NUM_HEADS) * num_kv_heads + (j % NUM_HEADS) // (NUM_HEADS // num_kv_heads) for j in range(num_q)
+        ]
+    else:
+        key_head = [j // (num_q // num_k) for j in range(num_q)]
+    probs = np.stack([ref.softmax_probs(q[:, :, j], k[:, :, key_head[j]], allowed) for j in range(num_q)], axis=1)
+    logits = np.stack([q[:, :, j] @ k[:, :, key_head[j]].transpose(0, 2, 1) for j in range(num_q)], axis=1)
+    if attention_type == "standard":
+        positive, negative = probs, None
+    elif attention_type == "diff":
+        lam = (
+            np.exp(params["lambda_q1"] @ params["lambda_k1"]) - np.exp(params["lambda_q2"] @ params["lambda_k2"]) + init
+        )
+        positive, negative = probs[:, :NUM_HEADS], lam * probs[:, NUM_HEADS:]
+    else:
+        lam = 1.0 / (1.0 + np.exp(-(x @ params["lambda_proj/kernel"])))  # [B, T, H]
+        positive, negative = probs[:, 0::2], lam.transpose(0, 2, 1)[..., None] * probs[:, 1::2]
+
+    assert_close(np.asarray(maps.positive), positive)
+    if negative is None:
+        assert maps.negative is None
+        np.testing.assert_array_equal(np.asarray(maps.effective), np.asarray(maps.positive))
+    else:
+        assert_close(np.asarray(maps.negative), negative)
+        assert_close(np.asarray(maps.effective), positive - negative)
+    seen = np.broadcast_to(allowed[:, None], logits.shape)
+    np.testing.assert_array_equal(np.broadcast_to(np.asarray(maps.mask), seen.shape), seen)
+    assert_close(np.asarray(maps.logits)[seen], logits[seen] / np.sqrt(q.shape[-1]))

@@ -131,3 +131,39 @@ def test_the_fused_pallas_kernels_give_the_reference_loss_and_gradients(tiny_mod
 
     expected, actual = loss_and_grads("reference"), loss_and_grads("pallas")
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), actual, expected)
+
+
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+def test_cached_decoding_gives_the_logits_of_the_whole_sequence(tiny_model_config, attention_type):
+    cfg = dataclasses.replace(tiny_model_config, attention_type=attention_type)
+    graphdef, params = nnx.split(DiffTransformer(cfg, rngs=nnx.Rngs(0)))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 9)))
+
+    @jax.jit
+    def prefill_then_steps(params: nnx.State) -> jax.Array:
+        model = nnx.merge(graphdef, params)
+        logits, cache = model.decode(tokens[:, :6], model.init_cache(2, 16), 0)  # slots past 9 stay empty
+        steps = [logits]
+        for i in range(6, 9):
+            logits, cache = model.decode(tokens[:, i : i + 1], cache, i)
+            steps.append(logits)
+        return jnp.concatenate(steps, axis=1)
+
+    expected = nnx.merge(graphdef, params)(tokens)
+    np.testing.assert_allclose(prefill_then_steps(params), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+def test_probe_sees_the_forward_pass(tiny_model_config, attention_type):
+    """`probe` hands `reduce` each layer's output and maps: the last output gives `__call__`'s logits
+    (packed documents included), and each layer's effective map keeps a document to itself."""
+    cfg = dataclasses.replace(tiny_model_config, attention_type=attention_type)
+    model = DiffTransformer(cfg, rngs=nnx.Rngs(0))
+    batch = _batch(cfg.vocab_size)
+    args = (batch["inputs"], batch["positions"], batch["segment_ids"])
+    hidden, effective = model.probe(args[0], lambda x, maps: (x, maps.effective), *args[1:])
+    assert hidden.shape == (cfg.num_layers, *args[0].shape, cfg.emb_dim)
+    np.testing.assert_allclose(model.logits(hidden[-1]), model(*args), rtol=1e-5, atol=1e-5)
+    half = args[0].shape[1] // 2
+    assert effective.shape[:2] == (cfg.num_layers, 2) and not np.asarray(effective[..., half:, :half]).any()
+    assert np.asarray(effective[..., half:, half:]).any()

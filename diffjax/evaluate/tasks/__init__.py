@@ -1,0 +1,26 @@
+"""The evaluation tasks by name. A task is `run(context) -> TaskResult`."""
+
+from collections.abc import Callable
+
+from diffjax.cli import UsageError
+from diffjax.evaluate.tasks import attention, generation, lambdas, needles, outliers, perplexity
+from diffjax.evaluate.tasks.base import EvalContext, TaskResult
+
+TASKS: dict[str, Callable[[EvalContext], TaskResult]] = {
+    "perplexity": perplexity.run,
+    "needles": needles.run,
+    "attention": attention.run,
+    "outliers": outliers.run,
+    "lambda": lambdas.run,
+    "generate": generation.run,
+}
+
+
+def select(names: list[str]) -> list[str]:
+    """The tasks `--tasks` names, in its order; `UsageError` for an unknown one."""
+    if not names:
+        raise UsageError(f"--tasks is empty; name some of {', '.join(TASKS)}")
+    for name in names:
+        if name not in TASKS:
+            raise UsageError(f"unknown task {name!r}; available: {', '.join(TASKS)}")
+    return list(dict.fromkeys(names))
