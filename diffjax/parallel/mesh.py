@@ -54,13 +54,19 @@ def initialize_distributed(
     """Join the other hosts; does nothing on a single host.
 
     Explicit values (config or `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`) win; otherwise
-    JAX auto-detects TPU pods and SLURM/Open MPI clusters. CPU processes use gloo collectives.
+    JAX auto-detects TPU pods and SLURM/Open MPI clusters. A Cloud TPU VM describes its slice in the metadata
+    server, not the environment, so there `DIFFJAX_MULTIHOST=1` (set by tpu_setup/launch.sh) asks for that
+    auto-detection. CPU processes use gloo collectives.
     """
     env = os.environ
     coordinator = coordinator or env.get("JAX_COORDINATOR_ADDRESS", "")
     num_processes = num_processes or int(env.get("JAX_NUM_PROCESSES", "0"))
     process_id = process_id if process_id >= 0 else int(env.get("JAX_PROCESS_ID", "-1"))
-    cluster = int(env.get("SLURM_NTASKS", "1")) > 1 or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
+    cluster = (
+        int(env.get("SLURM_NTASKS", "1")) > 1
+        or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
+        or env.get("DIFFJAX_MULTIHOST") == "1"
+    )
     if not coordinator and not cluster:
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

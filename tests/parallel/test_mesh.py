@@ -2,7 +2,7 @@ import jax
 import pytest
 
 from diffjax.config import ConfigError
-from diffjax.parallel.mesh import make_mesh, resolve_shape
+from diffjax.parallel.mesh import initialize_distributed, make_mesh, resolve_shape
 from diffjax.parallel.sharding import DEFAULT_RULES, logical_spec
 
 
@@ -33,3 +33,26 @@ def test_logical_names_map_through_the_rules():
     )
     with pytest.raises(ValueError, match="no sharding rule for logical axes"):
         logical_spec(("nope",), DEFAULT_RULES)
+
+
+@pytest.mark.parametrize(
+    "env,joins",
+    [
+        ({}, False),  # one host: nothing to join
+        ({"DIFFJAX_MULTIHOST": "1"}, True),  # a Cloud TPU VM slice (tpu_setup/launch.sh): JAX reads the metadata
+        ({"SLURM_NTASKS": "4"}, True),
+        ({"TPU_WORKER_HOSTNAMES": "host-0"}, False),
+    ],
+)
+def test_detected_clusters_join_through_jax_auto_detection(monkeypatch, env, joins):
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("TPU_WORKER_HOSTNAMES", "DIFFJAX_MULTIHOST"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(jax.config, "update", lambda *args: None)
+    initialize_distributed()
+    assert calls == ([{"initialization_timeout": 300}] if joins else [])
