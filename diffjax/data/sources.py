@@ -35,8 +35,9 @@ def _builder(name: str, data: ml_collections.ConfigDict) -> tfds.core.DatasetBui
         ) from None
     if not builder.is_prepared():
         raise ConfigError(
-            f"data.source={name!r} is not prepared in {data_dir}; run `tfds build {name} --data_dir={data_dir}` "
-            "once on a machine with network access"
+            f"data.source={name!r} is not prepared in {data_dir}; prepare it once on a machine with network access: "
+            f"python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}', data_dir='{data_dir}', "
+            "file_format='array_record').download_and_prepare()\" (or tpu_setup/prepare_data.sh)"
         )
     return builder
 
