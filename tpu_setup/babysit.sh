@@ -13,9 +13,7 @@
 set -euo pipefail
 # shellcheck source=lib.sh
 source "$(dirname "$0")/lib.sh"
-parse_args "$@"
-((${#ARGS[@]} == 0)) || die "unexpected arguments: ${ARGS[*]}"
-load_env
+parse_options_and_env "$@"
 child_options
 [[ $USE_GCSFUSE == true && $WORKDIR == "$MOUNT_DIR"/* ]] ||
   die "babysit.sh resumes from the bucket: set USE_GCSFUSE=true and keep WORKDIR under MOUNT_DIR in $ENV_NAME"

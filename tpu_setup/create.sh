@@ -7,9 +7,7 @@
 set -euo pipefail
 # shellcheck source=lib.sh
 source "$(dirname "$0")/lib.sh"
-parse_args "$@"
-((${#ARGS[@]} == 0)) || die "unexpected arguments: ${ARGS[*]}"
-load_env
+parse_options_and_env "$@"
 child_options
 
 create() {

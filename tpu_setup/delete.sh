@@ -6,9 +6,7 @@
 set -euo pipefail
 # shellcheck source=lib.sh
 source "$(dirname "$0")/lib.sh"
-parse_args "$@"
-((${#ARGS[@]} == 0)) || die "unexpected arguments: ${ARGS[*]}"
-load_env
+parse_options_and_env "$@"
 
 if ! $DRY_RUN && [[ $(slice_state) == MISSING ]]; then
   note "$TPU_NAME does not exist in $ZONE; nothing to delete"

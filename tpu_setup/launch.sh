@@ -8,9 +8,7 @@
 set -euo pipefail
 # shellcheck source=lib.sh
 source "$(dirname "$0")/lib.sh"
-parse_args "$@"
-((${#ARGS[@]} == 0)) || die "unexpected arguments: ${ARGS[*]}"
-load_env
+parse_options_and_env "$@"
 
 train_command
 start=(bash tpu_setup/worker/run.sh start "$RUN_ID")

@@ -71,6 +71,13 @@ parse_args() {
   done
 }
 
+# The start of a script that takes no arguments of its own: the options, then the env file.
+parse_options_and_env() {
+  parse_args "$@"
+  ((${#ARGS[@]} == 0)) || die "unexpected arguments: ${ARGS[*]}"
+  load_env
+}
+
 # Options to hand on to another tpu_setup script.
 child_options() {
   CHILD=(--env "$ENV_FILE")

@@ -7,8 +7,6 @@
 set -euo pipefail
 # shellcheck source=lib.sh
 source "$(dirname "$0")/lib.sh"
-parse_args "$@"
-((${#ARGS[@]} == 0)) || die "unexpected arguments: ${ARGS[*]}"
-load_env
+parse_options_and_env "$@"
 
 ssh_workers all "$(remote bash tpu_setup/worker/run.sh stop "$RUN_ID" "$STOP_TIMEOUT_S")"

@@ -7,9 +7,7 @@
 set -euo pipefail
 # shellcheck source=lib.sh
 source "$(dirname "$0")/lib.sh"
-parse_args "$@"
-((${#ARGS[@]} == 0)) || die "unexpected arguments: ${ARGS[*]}"
-load_env
+parse_options_and_env "$@"
 git -C "$REPO" rev-parse --git-dir >/dev/null 2>&1 || die "$REPO is not a git checkout (sync.sh asks git which files to copy)"
 
 archive=diffjax-code-$RUN_ID.tar.gz
