@@ -5,7 +5,9 @@ Config files in `configs/` call `base_config()` or `paper_config()` and override
 key, the value and the fix.
 """
 
+import importlib.util
 import math
+from pathlib import Path
 
 import jax.numpy as jnp
 import ml_collections
@@ -292,6 +294,14 @@ def check_tokenizer(config: ml_collections.ConfigDict, tokenizer) -> None:
             f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} ids "
             f"(data.tokenizer={config.data.tokenizer!r}); set model.vocab_size to at least {tokenizer.vocab_size}"
         )
+
+
+def load_config_file(path: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of a config file, as `--config=path:arg` gives it, for code that is not a CLI."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if arg is None else module.get_config(arg)
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:

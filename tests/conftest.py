@@ -1,17 +1,16 @@
 """Shared fixtures: configs loaded the way train.py loads them, and a tiny model config."""
 
-import importlib.util
 import os
 import socket
 from pathlib import Path
 
 import grain
 import jax
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
+from diffjax.config import load_config_file as load_config
 from diffjax.model import ModelConfig
 from diffjax.parallel.mesh import make_mesh
 from diffjax.train.checkpoint import RunCheckpoints, run_metadata
@@ -22,17 +21,13 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # Without a TPU, an installed libtpu would probe for one and print warnings into every CLI's stderr; the
 # topology API used for AOT compilation works regardless. Set JAX_PLATFORMS explicitly to test on GPU/TPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if os.environ["JAX_PLATFORMS"] != "cpu":
+    # On a GPU, float32 matmuls (XLA's and the Triton kernels') default to TF32, 10 mantissa bits: the float32
+    # tolerances here are IEEE float32's. `bench accelerator` runs `-m accelerator` this way.
+    jax.config.update("jax_default_matmul_precision", "highest")
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted((REPO / "configs").glob("*.py"))
-
-
-def load_config(path: Path, arg: str | None = None) -> ml_collections.ConfigDict:
-    """`get_config(arg)` of a config file, as `--config=path:arg` would give it."""
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config() if arg is None else module.get_config(arg)
 
 
 def free_port() -> int:

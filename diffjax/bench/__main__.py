@@ -6,6 +6,7 @@
     python -m diffjax.bench kernels [--lengths=1024,4096,16384] [--head_dims=64,128] [--kernel_heads=8] \\
         [--kernel_kv_heads=8] [--tokens=16384] [--iterations=20] [--warmup_steps=2] \\
         [--variants=fused,two_flash,four_dpa,blockwise] [--interpret | --aot_topology=v5e:2x2]
+    python -m diffjax.bench accelerator --out=DIR [--budget_s=1200] [--quick] [--stages=kernels,train_step]
 
 The last line printed is `key=value` pairs. For `data` and `train_step` the first is `tokens_per_s`; `train_step` adds
 `peak_rss_mb`, and with `--compare_hf` ends the line with `hf_tokens_per_s` and `ratio` (diffjax / HF).
@@ -13,14 +14,19 @@ The last line printed is `key=value` pairs. For `data` and `train_step` the firs
 `kernels` prints a table per (T, d) and ends with `key=value` pairs at the largest shape (fwd+bwd ms per
 variant, `fused_speedup_fwd_bwd` over the best alternative); with `--aot_topology` it compiles instead of
 timing and ends with `compiled`, `failed` and temp MiB per variant.
+`accelerator` is the suite to run once on a new GPU/TPU (`diffjax.bench.accelerator`, docs/accelerator.md): it
+writes `DIR/results.json` and `DIR/results.md`, prints a line per stage and exits 1 if a stage did not pass.
 """
+
+import sys
+from pathlib import Path
 
 from absl import flags
 
 from diffjax.bench.timing import run_alternating
 from diffjax.cli import UsageError, run_main
 
-BENCHMARKS = ("data", "train_step", "kernels")
+BENCHMARKS = ("data", "train_step", "kernels", "accelerator")
 _BATCHES = flags.DEFINE_integer("batches", 500, "data: batches to time.")
 _WARMUP = flags.DEFINE_integer("warmup", 20, "data: batches to draw before timing.")
 _EMB_DIM = flags.DEFINE_integer("emb_dim", 256, "train_step: model width E.")
@@ -52,6 +58,11 @@ _INTERPRET = flags.DEFINE_bool("interpret", False, "kernels: on CPU, time the Pa
 _AOT_TOPOLOGY = flags.DEFINE_string(
     "aot_topology", "", "kernels: compile for one device of this TPU topology (libtpu) instead of timing."
 )
+
+_OUT = flags.DEFINE_string("out", None, "accelerator: a new (or empty) directory for results.json and results.md.")
+_BUDGET_S = flags.DEFINE_float("budget_s", 1200, "accelerator: seconds for the whole suite, shared among the stages.")
+_QUICK = flags.DEFINE_bool("quick", False, "accelerator: every stage at toy sizes (a CPU check of the suite itself).")
+_STAGES = flags.DEFINE_list("stages", [], "accelerator: run only these stages (default: all, in order).")
 
 
 def bench_data() -> None:
@@ -138,10 +149,29 @@ def bench_kernels() -> None:
         kernels.run(shapes, variants, _WARMUP_STEPS.value, _ITERATIONS.value, _INTERPRET.value)
 
 
+def bench_accelerator() -> None:
+    from diffjax.bench import accelerator
+
+    if not _OUT.value:
+        raise UsageError("--out is required: a new directory for results.json and results.md")
+    budget = accelerator.QUICK_BUDGET_S if _QUICK.value and _BUDGET_S.present == 0 else _BUDGET_S.value
+    if not budget > 0:
+        raise UsageError(f"--budget_s={_BUDGET_S.value} must be a positive number of seconds")
+    stages = accelerator.select(_STAGES.value)
+    out = Path(_OUT.value).expanduser().resolve()
+    accelerator.check_out_dir(out)
+    report = accelerator.run_suite(out, budget, _QUICK.value, stages, ["python -m diffjax.bench", *sys.argv[1:]])
+    print(f"results: {out / 'results.md'} and results.json")
+    if any(stage["status"] != "passed" for stage in report["stages"].values()):
+        sys.exit(1)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[1] not in BENCHMARKS:
         raise UsageError(f"name one benchmark: {', '.join(BENCHMARKS)} (got {argv[1:]})")
-    {"data": bench_data, "train_step": bench_train_step, "kernels": bench_kernels}[argv[1]]()
+    benchmarks = {"data": bench_data, "train_step": bench_train_step, "kernels": bench_kernels}
+    benchmarks["accelerator"] = bench_accelerator
+    benchmarks[argv[1]]()
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def hf_step(shape: Shape) -> Callable[[], None]:
         eps=config.adam_eps,
         weight_decay=config.weight_decay,
     )
-    tokens = torch.from_numpy(random_tokens(shape))
+    tokens = torch.from_numpy(random_tokens(config))
     inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
     def step() -> None:

@@ -23,6 +23,7 @@ for. `compile_for_topology` instead compiles every variant's forward+backward fo
 topology (libtpu, no TPU needed) and reports the compiler's verdict, temporary memory and FLOP estimate.
 """
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -41,6 +42,8 @@ PALLAS_VARIANTS = ("fused", "two_flash")
 UNITS = {"fwd": 6, "fwd_bwd": 20}  # useful multiply-adds per head, in T^2 d (SPEC section 5)
 DTYPE = jnp.bfloat16
 LAMBDA = 0.8
+# Tile sizes a sweep combines: Triton's useful range on GPUs, lane multiples on TPUs, two toy sizes interpreted.
+TILE_SIZES = {"gpu": (32, 64, 128), "tpu": (128, 256, 512), "cpu": (16, 32)}
 
 Core = Callable[..., jax.Array]  # (q1, q2, k1, k2, v, lam) -> out
 
@@ -99,10 +102,11 @@ def useful_flops(shape: Shape, backward: bool) -> float:
     return units * shape.length**2 * shape.head_dim * shape.heads * shape.batch
 
 
-def core(variant: str, platform: str, head_dim: int, interpret: bool) -> Core:
-    """The differential-attention function `variant` runs on `platform` (`cpu`, `gpu`, `tpu`)."""
+def core(variant: str, platform: str, head_dim: int, interpret: bool, tiles: tuple[int, int] = (0, 0)) -> Core:
+    """The differential-attention function `variant` runs on `platform` (`cpu`, `gpu`, `tpu`); `tiles` are the
+    Pallas variants' `(block_q, block_k)`, zeros for the kernel family's defaults."""
     if variant in PALLAS_VARIANTS:
-        kernel = pallas.kernel_for(platform, head_dim, DTYPE, interpret=interpret)
+        kernel = pallas.kernel_for(platform, head_dim, DTYPE, *tiles, interpret=interpret)
         if variant == "fused":
             return lambda q1, q2, k1, k2, v, lam: pallas.diff_attention(q1, q2, k1, k2, v, lam, kernel=kernel)
         return _combined(lambda q, k, v: pallas.attention(q, k, v, kernel=kernel))
@@ -158,14 +162,20 @@ def _one_line(error: Exception) -> str:
 
 
 def time_shape(
-    shape: Shape, variants: list[str], platform: str, interpret: bool, warmup: int, iterations: int
+    shape: Shape,
+    variants: list[str],
+    platform: str,
+    interpret: bool,
+    warmup: int,
+    iterations: int,
+    tiles: tuple[int, int] = (0, 0),
 ) -> dict[str, Result]:
     """Median seconds of each variant's forward and forward+backward, interleaved; a failure is kept as its
     error line so that one variant the platform cannot run (memory, cuDNN limits) does not lose the table."""
     args = inputs(shape)
     steps, errors = {}, {}
     for variant in variants:
-        forward, gradients = passes(core(variant, platform, shape.head_dim, interpret))
+        forward, gradients = passes(core(variant, platform, shape.head_dim, interpret, tiles))
         pair = {
             (variant, "fwd"): lambda f=forward: jax.block_until_ready(f(*args[:6])),
             (variant, "fwd_bwd"): lambda g=gradients: jax.block_until_ready(g(*args)),
@@ -275,7 +285,9 @@ def compile_summary(all_results: list[dict[str, Result]]) -> str:
     return " ".join(f"{key}={value:.6g}" for key, value in pairs.items())
 
 
-def run(shape_list: list[Shape], variants: list[str], warmup: int, iterations: int, interpret: bool) -> None:
+def run(
+    shape_list: list[Shape], variants: list[str], warmup: int, iterations: int, interpret: bool
+) -> list[tuple[Shape, dict[str, Result]]]:
     """Time every shape on the default backend and print a table per shape, the `key=value` line last."""
     platform = jax.default_backend()
     if platform == "cpu" and not interpret:
@@ -291,11 +303,33 @@ def run(shape_list: list[Shape], variants: list[str], warmup: int, iterations: i
     print(f"kernels on {platform} ({jax.devices()[0].device_kind}): median of {iterations} after {warmup} warm-up")
     if interpret:
         print("Pallas variants run in the interpreter: their times say nothing about kernel speed")
+    measured = []
     for shape in shape_list:
-        results = time_shape(shape, variants, platform, interpret, warmup, iterations)
+        measured.append((shape, time_shape(shape, variants, platform, interpret, warmup, iterations)))
         print(shape.describe())
-        print("\n".join(timing_table(shape, results, interpret)))
-    print(timing_summary(shape_list[-1], results))
+        print("\n".join(timing_table(shape, measured[-1][1], interpret)))
+    print(timing_summary(*measured[-1]))
+    return measured
+
+
+def tile_candidates(platform: str) -> list[tuple[int, int]]:
+    """`(block_q, block_k)` pairs a tile sweep of the fused kernel tries on `platform` (CPU: interpreted)."""
+    sizes = TILE_SIZES[platform]
+    return [(q, k) for q in sizes for k in sizes]
+
+
+def sweep_tiles(
+    shape: Shape, platform: str, interpret: bool, warmup: int, iterations: int, deadline: float = math.inf
+) -> dict[tuple[int, int], Result]:
+    """The fused kernel's median times for every candidate tile pair at `shape`, one compilation each; pairs
+    the compiler rejects (registers, shared memory) keep their error line. Stops once `time.time()` passes
+    `deadline`, returning what it measured."""
+    results = {}
+    for tiles in tile_candidates(platform):
+        if time.time() > deadline:
+            break
+        results[tiles] = time_shape(shape, ["fused"], platform, interpret, warmup, iterations, tiles)["fused"]
+    return results
 
 
 def run_compile(shape_list: list[Shape], variants: list[str], topology: str, devices: list) -> None:

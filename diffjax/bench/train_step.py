@@ -70,9 +70,10 @@ def data_parallel_devices(batch_size: int) -> int:
     return math.gcd(batch_size, jax.device_count())
 
 
-def random_tokens(shape: Shape, seed: int = 0) -> np.ndarray:
+def random_tokens(config: ml_collections.ConfigDict, seed: int = 0) -> np.ndarray:
     """`[B, T + 1]` token ids: inputs are the first T, next-token targets the last T."""
-    return np.random.default_rng(seed).integers(0, shape.vocab_size, (shape.batch_size, shape.seq_len + 1))
+    shape = (config.batch_size, config.seq_len + 1)
+    return np.random.default_rng(seed).integers(0, config.model.vocab_size, shape)
 
 
 def peak_rss_mb() -> float:
@@ -81,29 +82,39 @@ def peak_rss_mb() -> float:
 
 
 def diffjax_step(shape: Shape) -> Callable[[], None]:
-    """A closure running one diffjax training step on a fixed synthetic batch, blocking until it is done."""
+    """A closure running one diffjax training step of `shape`, data-parallel over the devices that divide
+    the batch, blocking until it is done."""
     config = bench_config(shape)
     config.mesh.shape = (data_parallel_devices(shape.batch_size), 1, 1)
-    devices = jax.devices()[: config.mesh.shape[0]]
+    return compiled_step(config, jax.devices()[: config.mesh.shape[0]])[0]
+
+
+def compiled_step(
+    config: ml_collections.ConfigDict, devices: list[jax.Device]
+) -> tuple[Callable[[], float], jax.stages.Compiled]:
+    """`config`'s training step on a fixed random batch over `devices` (mesh `config.mesh.shape`), compiled
+    once: a closure that runs a step and returns its loss once it is done, and the compiled step (its memory
+    analysis). Out-of-memory surfaces here, from the compiler, or at the closure's first call."""
     trainer = make_trainer(config, make_mesh(config.mesh.shape, devices=devices))
-    tokens = random_tokens(shape)
-    rows = np.ones((shape.batch_size, shape.seq_len), np.int32)
+    tokens = random_tokens(config)
+    rows = np.ones((config.batch_size, config.seq_len), np.int32)
     local = {
         "inputs": tokens[:, :-1].astype(np.int32),
         "targets": tokens[:, 1:].astype(np.int32),
-        "positions": np.broadcast_to(np.arange(shape.seq_len, dtype=np.int32), rows.shape).copy(),
+        "positions": np.broadcast_to(np.arange(config.seq_len, dtype=np.int32), rows.shape).copy(),
         "segment_ids": rows,
         "loss_mask": rows,
     }
     batch = global_batch(local, trainer.batch_sharding)
     state = create_state(config, trainer)
+    compiled = trainer.train_step.lower(state, batch).compile()
 
-    def step() -> None:
+    def step() -> float:
         nonlocal state
-        state, metrics = trainer.train_step(state, batch)
-        jax.block_until_ready(metrics["loss"])
+        state, metrics = compiled(state, batch)
+        return float(metrics["loss"])
 
-    return step
+    return step, compiled
 
 
 def median_tokens_per_s(seconds: list[float], shape: Shape) -> float:

@@ -12,11 +12,14 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import sentencepiece as spm
 
 from diffjax.config import ConfigError
+
+if TYPE_CHECKING:
+    import sentencepiece as spm
 
 TRAIN_COMMAND = "python -m diffjax.data.tokenizer train"
 SPACE_MARKER = "\u2581"  # SentencePiece's stand-in for a space; a literal one in the text needs byte pieces
@@ -42,7 +45,9 @@ class ByteTokenizer:
         return data.decode("utf-8", errors="replace")
 
 
-def _read_model(path: Path) -> spm.SentencePieceProcessor:
+def _read_model(path: Path) -> "spm.SentencePieceProcessor":
+    import sentencepiece as spm  # imported on use: training with the byte tokenizer runs without it
+
     use = f"set data.tokenizer to a .model file written by `{TRAIN_COMMAND}`, or to 'byte'"
     try:
         data = path.read_bytes()
@@ -192,6 +197,8 @@ def train_sentencepiece(
         raise ConfigError(f"vocab_size={vocab_size!r} must be a positive integer")
     if not out.parent.is_dir():
         raise ConfigError(f"cannot write {out}: directory {out.parent} does not exist; create it first")
+    import sentencepiece as spm
+
     spm.set_random_generator_seed(seed)  # drives the sampling of input sentences
     model = io.BytesIO()
     try:

@@ -4,7 +4,8 @@ An explicit choice is obeyed or refused with the reason (`AttentionImplError`, a
 never swapped for another implementation behind the caller's back. `auto` picks, at trace time:
 
 - TPU and GPU: `pallas`, the fused kernels (`diffjax.ops.pallas`): one pass over K/V for both softmaxes,
-  linear memory, masked tiles skipped.
+  linear memory, masked tiles skipped. On a GPU whose jax has lost the Pallas Triton backend (deprecated
+  from jax 0.11), `blockwise`.
 - CPU: `blockwise`. Measured on full training steps (docs/benchmarks.md, "Choosing the attention core"),
   128 x 128 tiles beat the dense reference at every length tried, T = 128 (8% faster), 256 (7%), 512
   (28%) and 2048 (2.5x). Pallas kernels only run interpreted on CPU (correct, slow: for tests).

@@ -28,7 +28,9 @@ import jax.numpy as jnp
 
 from diffjax.ops import pallas_gpu, pallas_tpu
 
-KERNELS: dict[str, ModuleType] = {"tpu": pallas_tpu, "gpu": pallas_gpu}
+KERNELS: dict[str, ModuleType] = {"tpu": pallas_tpu} | ({"gpu": pallas_gpu} if pallas_gpu.AVAILABLE else {})
+# Why a family is missing from KERNELS; `attention_impl=auto` then takes the blockwise core on that platform.
+MISSING = {} if pallas_gpu.AVAILABLE else {"gpu": f"jax {jax.__version__} has no Pallas Triton backend"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +58,10 @@ def kernel_for(
     interpreted at least the family's `MIN_BLOCK`."""
     family = "tpu" if platform == "cpu" else platform
     if family not in KERNELS:
-        raise ValueError(f"no Pallas attention kernels for platform {platform!r}; they exist for {sorted(KERNELS)}")
+        why = f" ({MISSING[family]})" if family in MISSING else ""
+        raise ValueError(
+            f"no Pallas attention kernels for platform {platform!r}{why}; they exist for {sorted(KERNELS)}"
+        )
     if interpret is None:
         interpret = platform == "cpu"
     module = KERNELS[family]

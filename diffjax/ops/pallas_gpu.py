@@ -35,13 +35,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
+
+try:
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # a jax whose Pallas has lost its Triton backend (deprecated in 0.11): see docs/accelerator.md
+    plgpu = None
 
 from diffjax.ops.tiles import EMPTY, MASKED, branch_coefficients
 
 # Devices with Hopper-class register files and shared memory (228 KB per SM).
 _HOPPER_CLASS = ("H100", "H200", "H800", "H20", "GH200")
 MIN_BLOCK = 16  # Triton's matmuls need every tile dimension >= 16
+AVAILABLE = plgpu is not None
 
 
 def default_blocks(head_dim: int, dtype: jnp.dtype) -> tuple[int, int]:
@@ -208,7 +213,7 @@ def _pad_head(x: jax.Array) -> jax.Array:
     return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)]) if extra else x
 
 
-def _compiler_params(block_q: int, block_k: int, value_width: int) -> plgpu.CompilerParams:
+def _compiler_params(block_q: int, block_k: int, value_width: int) -> "plgpu.CompilerParams":
     """Triton launch parameters: 8 warps once a tile or the value accumulator is large, else 4."""
     large = max(block_q, block_k) >= 128 or value_width >= 256
     return plgpu.CompilerParams(num_warps=8 if large else 4, num_stages=2)

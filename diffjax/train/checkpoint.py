@@ -89,8 +89,16 @@ def run_metadata(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
         "device_count": jax.device_count(),
         "platform": jax.devices()[0].platform,
         "mesh": dict(mesh.shape),
-        "versions": {"python": platform.python_version()} | {p: importlib.metadata.version(p) for p in PACKAGES},
+        "versions": {"python": platform.python_version()} | {p: installed_version(p) for p in PACKAGES},
     }
+
+
+def installed_version(distribution: str) -> str:
+    """`distribution`'s installed version; "not installed" for diffjax imported from a source tree (PYTHONPATH)."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def flat_leaves(tree) -> dict[str, Any]:

@@ -151,6 +151,7 @@ def assert_close(actual: np.ndarray, expected: np.ndarray) -> None:
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * np.max(np.abs(expected)))
 
 
+@pytest.mark.accelerator
 @pytest.mark.parametrize("subln_affine", [True, False])
 @pytest.mark.parametrize("layer_index", [0, 5])
 @pytest.mark.parametrize("masking", ["causal", "packed"])
@@ -163,6 +164,7 @@ def test_diff_v1_matches_reference(num_kv_heads: int, masking: str, layer_index:
     assert_close(run_layer(layer, x, positions, segment_ids, layer_index), expected)
 
 
+@pytest.mark.accelerator
 @pytest.mark.parametrize("masking", ["causal", "packed"])
 @pytest.mark.parametrize("num_kv_heads", KV_HEADS)
 @pytest.mark.parametrize("attention_type", ["diff_v2", "standard"])

@@ -91,6 +91,7 @@ def test_remat_policies_do_not_change_the_math(tiny_model_config, policy):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), actual, expected)
 
 
+@pytest.mark.accelerator
 @pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
 def test_packed_documents_equal_documents_run_alone(tiny_model_config, attention_type):
     """Logits of each document in a packed row equal those of the document alone at positions 0..n-1."""
@@ -119,6 +120,7 @@ def test_bfloat16_compute_keeps_float32_parameters(tiny_model_config):
     assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.float32)}
 
 
+@pytest.mark.accelerator
 @pytest.mark.parametrize("attention_type", ["diff", "diff_v2"])
 def test_the_fused_pallas_kernels_give_the_reference_loss_and_gradients(tiny_model_config, attention_type):
     """The kernels inside the real layers (interpreted on CPU), not only alone: two layers, GQA, packed rows."""

@@ -1,6 +1,9 @@
 """The attention dispatcher: `auto` picks an implementation that works, explicit requests are obeyed or refused
 with the reason, and every implementation keeps padding rows at exactly zero with zero gradients."""
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +32,28 @@ def test_auto_on_cpu_is_blockwise():
 @pytest.mark.parametrize("platform", ["gpu", "tpu"])
 def test_auto_on_accelerators_is_the_fused_kernel(platform):
     assert resolve("auto", jnp.bfloat16, platform) == "pallas"
+
+
+WITHOUT_TRITON = """
+import sys
+sys.modules["jax.experimental.pallas.triton"] = None  # as in a jax release that removed the backend
+import jax.numpy as jnp
+from diffjax.ops import pallas
+from diffjax.ops.dispatch import resolve
+print(resolve("auto", jnp.bfloat16, "gpu"), resolve("auto", jnp.bfloat16, "tpu"))
+try:
+    pallas.kernel_for("gpu", 128, jnp.bfloat16)
+except ValueError as error:
+    print(error)
+"""
+
+
+def test_without_the_triton_backend_auto_takes_blockwise_on_gpus_and_pallas_names_the_reason():
+    result = subprocess.run([sys.executable, "-c", WITHOUT_TRITON], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    choices, reason = result.stdout.splitlines()
+    assert choices == "blockwise pallas"
+    assert reason.startswith(f"no Pallas attention kernels for platform 'gpu' (jax {jax.__version__} has no Pallas")
 
 
 @pytest.mark.parametrize("impl", ["reference", "blockwise", "pallas"])

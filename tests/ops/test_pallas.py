@@ -36,8 +36,14 @@ def _inputs(batch, length, heads, kv_heads, width, dtype, seed=0, segments=True)
     return arrays, jnp.asarray(0.37, dtype), segment_ids
 
 
-def _kernel(block_q=16, block_k=32, interpret=None):
-    return pallas.kernel_for("cpu", 8, jnp.float32, block_q, block_k, interpret)
+def _kernel(block_q=16, block_k=32):
+    """The fused kernels of the platform the tests run on: compiled on a GPU/TPU (tiles no smaller than the
+    family compiles), the TPU kernels interpreted on CPU."""
+    platform = jax.default_backend()
+    if platform != "cpu":
+        smallest = pallas.KERNELS[platform].MIN_BLOCK
+        block_q, block_k = max(block_q, smallest), max(block_k, smallest)
+    return pallas.kernel_for(platform, 8, jnp.float32, block_q, block_k)
 
 
 @functools.partial(jax.jit, static_argnames="core", compiler_options={"xla_backend_optimization_level": 0})
@@ -66,6 +72,7 @@ def _compare(arrays, lam, segment_ids, kernel, atol, rtol=0.0):
     return got
 
 
+@pytest.mark.accelerator
 @settings(max_examples=4, deadline=None, derandomize=True)
 @given(
     batch=st.integers(1, 2),
@@ -80,6 +87,7 @@ def test_matches_the_reference_in_float32(batch, length, kv_heads, rep, blocks, 
     _compare(arrays, lam, segment_ids, _kernel(*blocks), atol=1e-5)
 
 
+@pytest.mark.accelerator
 def test_matches_the_reference_in_bfloat16_with_odd_lengths_and_gqa():
     arrays, lam, segment_ids = _inputs(2, 45, 4, 2, 8, jnp.bfloat16, seed=3)
     got = _compare(arrays, lam, segment_ids, _kernel(16, 32), atol=BF16_TOLERANCE, rtol=BF16_TOLERANCE)
@@ -92,6 +100,7 @@ def test_the_gpu_kernels_meet_the_same_contract_through_the_wrapper():
     _compare(arrays, lam, segment_ids, pallas.kernel_for("gpu", 8, jnp.float32, 16, 32, interpret=True), atol=1e-5)
 
 
+@pytest.mark.accelerator
 def test_standard_attention_is_the_one_branch_case():
     (q, _, k, _, v), _, segment_ids = _inputs(2, 40, 4, 2, 8, jnp.float32, seed=4)
     cotangent = jax.random.normal(jax.random.key(2), (*q.shape[:3], v.shape[-1]))
@@ -102,6 +111,7 @@ def test_standard_attention_is_the_one_branch_case():
         np.testing.assert_allclose(g, w, atol=1e-5)
 
 
+@pytest.mark.accelerator
 def test_padding_rows_are_zero_with_zero_gradients_never_nan():
     arrays, lam, _ = _inputs(1, 32, 2, 1, 8, jnp.float32, seed=5, segments=False)
     segment_ids = jnp.zeros((1, 32), jnp.int32).at[:, :10].set(1)
@@ -112,6 +122,18 @@ def test_padding_rows_are_zero_with_zero_gradients_never_nan():
         assert np.all(np.isfinite(grad)) and np.all(grad[:, 10:] == 0)
 
 
+@pytest.mark.accelerator
+@pytest.mark.parametrize(("dtype", "width"), [(jnp.bfloat16, 128), (jnp.float32, 64)])
+def test_default_tiles_at_model_head_widths_and_a_length_off_the_tile_grid(dtype, width):
+    """The kernels as the dispatcher builds them (the family's default tiles for the width and dtype), GQA,
+    packed segments, at a length that is no multiple of any tile: T = 1000 on a device, 45 interpreted."""
+    platform = jax.default_backend()
+    length = 45 if platform == "cpu" else 1000
+    arrays, lam, segment_ids = _inputs(1, length, 4, 2, width, dtype, seed=8)
+    tolerance = 1e-5 if dtype == jnp.float32 else BF16_TOLERANCE
+    _compare(arrays, lam, segment_ids, pallas.kernel_for(platform, width, dtype), atol=tolerance, rtol=tolerance)
+
+
 @pytest.mark.parametrize("seed", [0, 7])
 def test_the_tpu_simulator_with_shuffled_parallel_axes_and_race_detection_agrees(seed):
     """Parallel grid axes run in a random order and uninitialised memory is NaN: a kernel that relied on the
@@ -120,7 +142,7 @@ def test_the_tpu_simulator_with_shuffled_parallel_axes_and_race_detection_agrees
         random_seed=seed, detect_races=True, uninitialized_memory="nan", num_cores_or_threads=2
     )
     arrays, lam, segment_ids = _inputs(1, 64, 4, 2, 8, jnp.float32, seed=6)
-    _compare(arrays, lam, segment_ids, _kernel(16, 32, simulator), atol=1e-5)
+    _compare(arrays, lam, segment_ids, pallas.kernel_for("cpu", 8, jnp.float32, 16, 32, simulator), atol=1e-5)
     assert not interpret_pallas_call.races.races_found
 
 
