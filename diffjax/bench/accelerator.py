@@ -108,7 +108,8 @@ def run_stage(name: str, out: Path, allowance: float, quick: bool, platform: str
     if code is None:
         status, error = "timeout", f"killed at its {allowance:.0f} s share of the budget; partial results kept"
     elif code == 0 and verdict is not None:
-        status, error = ("passed" if verdict["passed"] else "failed"), verdict["reason"] or None
+        status = "timeout" if verdict.get("timed_out") else ("passed" if verdict["passed"] else "failed")
+        error = verdict["reason"] or None
     else:
         status, error = "failed", record.get("error") or _last_line(log_path) or f"exit code {code}"
     return {

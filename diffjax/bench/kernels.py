@@ -43,7 +43,7 @@ UNITS = {"fwd": 6, "fwd_bwd": 20}  # useful multiply-adds per head, in T^2 d (SP
 DTYPE = jnp.bfloat16
 LAMBDA = 0.8
 # Tile sizes a sweep combines: Triton's useful range on GPUs, lane multiples on TPUs, two toy sizes interpreted.
-TILE_SIZES = {"gpu": (32, 64, 128), "tpu": (128, 256, 512), "cpu": (16, 32)}
+TILE_SIZES = {"gpu": (32, 64, 128), "tpu": (128, 256, 512), "cpu": (32, 64)}
 
 Core = Callable[..., jax.Array]  # (q1, q2, k1, k2, v, lam) -> out
 
@@ -319,13 +319,19 @@ def tile_candidates(platform: str) -> list[tuple[int, int]]:
 
 
 def sweep_tiles(
-    shape: Shape, platform: str, interpret: bool, warmup: int, iterations: int, deadline: float = math.inf
+    shape: Shape,
+    candidates: list[tuple[int, int]],
+    platform: str,
+    interpret: bool,
+    warmup: int,
+    iterations: int,
+    deadline: float = math.inf,
 ) -> dict[tuple[int, int], Result]:
-    """The fused kernel's median times for every candidate tile pair at `shape`, one compilation each; pairs
-    the compiler rejects (registers, shared memory) keep their error line. Stops once `time.time()` passes
-    `deadline`, returning what it measured."""
+    """The fused kernel's median times for each `(block_q, block_k)` candidate at `shape`, one compilation
+    each; pairs the compiler rejects (registers, shared memory) keep their error line. Stops once
+    `time.time()` passes `deadline`, returning what it measured."""
     results = {}
-    for tiles in tile_candidates(platform):
+    for tiles in candidates:
         if time.time() > deadline:
             break
         results[tiles] = time_shape(shape, ["fused"], platform, interpret, warmup, iterations, tiles)["fused"]
