@@ -112,6 +112,21 @@ def test_bad_input_is_one_line_with_exit_code_2_and_writes_nothing(tmp_path, arg
     assert not out.exists() or sorted(p.name for p in out.iterdir()) == ["keep.txt"]
 
 
+BARE_MACHINE = """
+import sys
+for name in ("sentencepiece", "matplotlib", "torch", "transformers", "safetensors", "hypothesis", "libtpu"):
+    sys.modules[name] = None  # what the H200 machine may lack: importing any of them now raises ImportError
+import diffjax.bench.__main__, diffjax.bench.stages, diffjax.train.loop, diffjax.evaluate.load
+"""
+
+
+def test_the_suite_and_the_training_path_import_without_optional_packages():
+    """The suite, train.py's loop and load_model must run where only jax, flax, optax, orbax, grain, TFDS,
+    ml-collections and tensorboardX are installed (../shared/device/wheels.sh brings the last four)."""
+    result = subprocess.run([sys.executable, "-c", BARE_MACHINE], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_the_markdown_report_has_a_summary_row_per_stage_and_tables_for_row_lists():
     report = {
         "command": "python -m diffjax.bench accelerator --out=x",
