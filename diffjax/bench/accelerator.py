@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from diffjax.cli import UsageError
+from diffjax.files import write_atomically
 
 SCHEMA_VERSION = 1
 QUICK_BUDGET_S = 180.0  # --quick: toy sizes on CPU, about a minute and a half on 2 cores
@@ -28,7 +29,7 @@ QUICK_BUDGET_S = 180.0  # --quick: toy sizes on CPU, about a minute and a half o
 class Stage:
     name: str
     share: float  # of the budget, before what earlier stages left unused
-    what: str
+    what: str  # one line for results.md
 
 
 STAGES = (
@@ -127,13 +128,6 @@ def _last_line(path: Path) -> str:
     return lines[-1][:300] if lines else ""
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Replace `path` with `text` in one rename: readers see the old file or the new one, never a part."""
-    scratch = path.with_name(f".{path.name}.tmp")
-    scratch.write_text(text)
-    os.replace(scratch, path)
-
-
 def write_report(out: Path, report: dict) -> None:
     write_atomically(out / "results.json", json.dumps(report, indent=2) + "\n")
     write_atomically(out / "results.md", render_markdown(report))
@@ -157,8 +151,9 @@ def render_markdown(report: dict) -> str:
     for name, outcome in report["stages"].items():
         cells = [name, outcome["status"], f"{outcome['seconds']:.0f}", f"{outcome['budget_s']:.0f}", outcome["error"]]
         lines.append("| " + " | ".join(_cell(cell or "") for cell in cells) + " |")
+    purposes = {stage.name: stage.what for stage in STAGES}
     for name, outcome in report["stages"].items():
-        lines += ["", f"## {name}", "", *_markdown(outcome["results"])]
+        lines += ["", f"## {name}", "", f"{purposes[name]}.", "", *_markdown(outcome["results"])]
     return "\n".join(lines) + "\n"
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from diffjax.config import ConfigError
+from diffjax.files import write_atomically
 
 if TYPE_CHECKING:
     import sentencepiece as spm
@@ -169,18 +170,6 @@ def _training_error(error: RuntimeError, vocab_size: int) -> Exception:
     return ConfigError(f"SentencePiece training failed: {message or type(error).__name__}")
 
 
-def _write_atomically(data: bytes, out: Path) -> None:
-    """Write `out` via a temporary name in the same directory, so it is never seen half-written."""
-    temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_bytes(data)
-        os.replace(temporary, out)
-    except OSError as error:
-        raise ConfigError(f"cannot write {out} ({error.strerror}); pass a writable --out path") from None
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def train_sentencepiece(
     texts: Iterable[str], vocab_size: int, out: str | os.PathLike, *, seed: int = 0
 ) -> SentencePieceTokenizer:
@@ -225,7 +214,10 @@ def train_sentencepiece(
         )
     except RuntimeError as error:
         raise _training_error(error, vocab_size) from None
-    _write_atomically(model.getvalue(), out)
+    try:
+        write_atomically(out, model.getvalue())
+    except OSError as error:
+        raise ConfigError(f"cannot write {out} ({error.strerror}); pass a writable --out path") from None
     return SentencePieceTokenizer(out)
 
 
