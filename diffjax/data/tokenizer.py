@@ -1,12 +1,17 @@
-"""Tokenizers: byte-level (the default, needs nothing) and SentencePiece (trained offline on the corpus).
+"""Tokenizers: byte-level (the default, needs nothing), SentencePiece, and Hugging Face `tokenizer.json` files.
 
-Both reserve `PAD=0, BOS=1, EOS=2`, so the rest of the pipeline does not care which one it has.
+Each has `encode`, `decode`, `vocab_size` and the special ids `pad_id`, `bos_id`, `eos_id`, which is all the
+pipeline uses. The byte tokenizer and models trained here reserve `PAD=0, BOS=1, EOS=2`; a `tokenizer.json`
+brings its own (Llama 3's BOS is 128000), read from the `tokenizer_config.json` beside it or from the
+usual token names. SentencePiece models and byte-level BPE `tokenizer.json` files are trained here:
 
-    python -m diffjax.data.tokenizer train --config=configs/tiny.py --vocab_size=8192 --out=tok.model
+    python -m diffjax.data.tokenizer train --config=configs/tiny.py --vocab_size=8192 --out=tok.model  # SentencePiece
+    python -m diffjax.data.tokenizer train --config=configs/tiny.py --vocab_size=8192 --out=tok.json   # byte-level BPE
     python train.py --config.data.tokenizer=tok.model --config.model.vocab_size=8192
 """
 
 import io
+import json
 import numbers
 import os
 import re
@@ -21,11 +26,21 @@ from diffjax.files import write_atomically
 
 if TYPE_CHECKING:
     import sentencepiece as spm
+    import tokenizers
 
 TRAIN_COMMAND = "python -m diffjax.data.tokenizer train"
 SPACE_MARKER = "\u2581"  # SentencePiece's stand-in for a space; a literal one in the text needs byte pieces
 MAX_TRAINING_BYTES = 64_000_000  # text read for training: bounds time and memory on TFDS-sized corpora
 MAX_SENTENCE_BYTES = 4_000  # SentencePiece silently skips "sentences" over 4192 bytes
+HF_FILE = "tokenizer.json"
+HF_CONFIG = "tokenizer_config.json"  # transformers' file naming the special tokens, when beside it
+# The reserved tokens of a BPE trained here (ids 0, 1, 2), then the names common tokenizers give them.
+HF_SPECIAL = ("<|pad|>", "<|bos|>", "<|eos|>")
+HF_NAMES = {
+    "bos": ("<|bos|>", "<|begin_of_text|>", "<s>", "<bos>", "<|endoftext|>"),
+    "eos": ("<|eos|>", "<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>"),
+    "pad": ("<|pad|>", "<pad>", "<|finetune_right_pad_id|>", "<|padding|>"),
+}
 
 
 class ByteTokenizer:
@@ -112,12 +127,94 @@ class SentencePieceTokenizer:
         return self.processor.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size and int(i) not in special])
 
 
-Tokenizer = ByteTokenizer | SentencePieceTokenizer
+class HuggingFaceTokenizer:
+    """A Hugging Face `tokenizer.json` (BPE, Unigram or WordPiece, read by the `tokenizers` library), given as the
+    file or a directory holding it.
+
+    BOS and EOS must exist: they come from `tokenizer_config.json` beside the file (`bos_token`,
+    `eos_token`, `pad_token`, as transformers writes them) or else from the usual names (`<|begin_of_text|>`,
+    `<s>`, `<|endoftext|>`, ...). PAD falls back to EOS: padded positions never reach the loss. Encoding
+    adds no special tokens (the pipeline adds BOS and EOS itself).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        self.path = path / HF_FILE if path.is_dir() else path
+        self.tokenizer = _read_tokenizer_json(self.path)
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        named = _configured_special_tokens(self.path.parent / HF_CONFIG)
+        ids = {role: self._special_id(role, named.get(role)) for role in ("bos", "eos", "pad")}
+        for role in ("bos", "eos"):
+            if ids[role] is None:
+                raise ConfigError(
+                    f"{self.path} has no {role.upper()} token under the usual names {list(HF_NAMES[role])}; "
+                    f"name it as {role}_token in a {HF_CONFIG} beside it"
+                )
+        self.bos_id, self.eos_id = ids["bos"], ids["eos"]
+        self.pad_id = self.eos_id if ids["pad"] is None else ids["pad"]
+
+    def _special_id(self, role: str, configured: str | None) -> int | None:
+        """The id of the token `tokenizer_config.json` names for `role`, else of the first usual name present."""
+        if configured is not None:
+            token_id = self.tokenizer.token_to_id(configured)
+            if token_id is None:
+                raise ConfigError(f"{HF_CONFIG} names {role}_token={configured!r}, which {self.path} does not have")
+            return token_id
+        return next((i for name in HF_NAMES[role] if (i := self.tokenizer.token_to_id(name)) is not None), None)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; special tokens and ids beyond the vocabulary (a padded model's) are dropped."""
+        kept = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
+        return self.tokenizer.decode(kept, skip_special_tokens=True)
+
+
+def _read_tokenizer_json(path: Path) -> "tokenizers.Tokenizer":
+    from tokenizers import Tokenizer as HFTokenizer  # imported on use, like sentencepiece
+
+    if not path.is_file():
+        raise ConfigError(
+            f"tokenizer file {path} not found; set data.tokenizer to a {HF_FILE} (or its directory), "
+            f"a SentencePiece .model, or 'byte'"
+        )
+    try:
+        return HFTokenizer.from_file(str(path))
+    except Exception as error:  # the library raises a bare Exception for malformed files
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"{path} is not a Hugging Face tokenizer file ({first})") from None
+
+
+def _configured_special_tokens(path: Path) -> dict[str, str]:
+    """`{"bos": "<s>", ...}` from a transformers `tokenizer_config.json` (tokens as strings or AddedToken dicts)."""
+    if not path.is_file():
+        return {}
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path} is not valid JSON: {error}") from None
+    named = {}
+    for role in ("bos", "eos", "pad"):
+        token = values.get(f"{role}_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        if isinstance(token, str):
+            named[role] = token
+    return named
+
+
+Tokenizer = ByteTokenizer | SentencePieceTokenizer | HuggingFaceTokenizer
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
-    """The tokenizer `config.data.tokenizer` names: "byte", or the path of a SentencePiece model."""
-    return ByteTokenizer() if spec == "byte" else SentencePieceTokenizer(Path(spec).expanduser())
+    """The tokenizer `config.data.tokenizer` names: "byte", a `tokenizer.json` (or a directory holding one), or
+    the path of a SentencePiece model."""
+    if spec == "byte":
+        return ByteTokenizer()
+    path = Path(spec).expanduser()
+    if path.is_dir() or path.suffix == ".json":
+        return HuggingFaceTokenizer(path)
+    return SentencePieceTokenizer(path)
 
 
 def _take_bytes(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
@@ -221,6 +318,42 @@ def train_sentencepiece(
     return SentencePieceTokenizer(out)
 
 
+def train_bpe(texts: Iterable[str], vocab_size: int, out: str | os.PathLike) -> HuggingFaceTokenizer:
+    """Train a byte-level BPE with the `tokenizers` library on `texts` and write it to `out` as a `tokenizer.json`.
+
+    Ids 0, 1, 2 are `<|pad|>`, `<|bos|>`, `<|eos|>` (as the other tokenizers here), then the 256 bytes (GPT-2's
+    byte-to-character alphabet, so any text encodes and decodes exactly), then merges. Pre-tokenization
+    splits words, numbers and punctuation GPT-2's way, without adding a prefix space.
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    out = Path(out).expanduser()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    smallest = len(HF_SPECIAL) + len(alphabet)
+    if not isinstance(vocab_size, numbers.Integral) or vocab_size < smallest:
+        raise ConfigError(f"vocab_size={vocab_size!r} must be at least {smallest}: 3 special ids and 256 bytes")
+    if not out.parent.is_dir():
+        raise ConfigError(f"cannot write {out}: directory {out.parent} does not exist; create it first")
+    tokenizer = HFTokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(HF_SPECIAL), initial_alphabet=alphabet, show_progress=False
+    )
+    tokenizer.train_from_iterator(_take_bytes(texts, MAX_TRAINING_BYTES), trainer)
+    if tokenizer.get_vocab_size() < vocab_size:
+        raise ConfigError(
+            f"vocab_size={vocab_size} is more tokens than this text supports; set it to at most "
+            f"{tokenizer.get_vocab_size()}"
+        )
+    try:
+        write_atomically(out, tokenizer.to_str())
+    except OSError as error:
+        raise ConfigError(f"cannot write {out} ({error.strerror}); pass a writable --out path") from None
+    return HuggingFaceTokenizer(out)
+
+
 def bytes_per_token(tokenizer: Tokenizer, texts: Iterable[str]) -> float:
     """Mean UTF-8 bytes per token over `texts`: how much the tokenizer shortens sequences."""
     num_bytes = num_tokens = 0
@@ -231,7 +364,8 @@ def bytes_per_token(tokenizer: Tokenizer, texts: Iterable[str]) -> float:
 
 
 def main(argv: list[str]) -> None:
-    """`train`: fit a SentencePiece model to the configured corpus's training documents."""
+    """`train`: fit a SentencePiece model (`--out=*.model`) or a byte-level BPE (`--out=*.json`) to the
+    configured corpus's training documents."""
     from absl import flags
 
     from diffjax.cli import UsageError
@@ -240,8 +374,11 @@ def main(argv: list[str]) -> None:
     if argv[1:] != ["train"]:
         raise UsageError(f"expected the command `train`, got {argv[1:] or 'none'}; usage: {TRAIN_COMMAND} --out=...")
     config, out = flags.FLAGS.config, Path(flags.FLAGS.out).expanduser()
+    trainers = {".model": train_sentencepiece, ".json": train_bpe}
+    if out.suffix not in trainers:
+        raise UsageError(f"--out={out} must end in .model (SentencePiece) or .json (byte-level BPE tokenizer.json)")
     texts = list(_take_bytes(training_texts(config.data), MAX_TRAINING_BYTES))
-    tokenizer = train_sentencepiece(texts, flags.FLAGS.vocab_size, out)
+    tokenizer = trainers[out.suffix](texts, flags.FLAGS.vocab_size, out)
     num_bytes = sum(len(text.encode("utf-8")) for text in texts)
     print(f"wrote {out}")
     print(f"vocab size {tokenizer.vocab_size}")
@@ -256,7 +393,7 @@ def _cli() -> None:
     from diffjax.cli import run_main
 
     flags.DEFINE_integer("vocab_size", None, "Number of pieces, special and byte ids included.", lower_bound=1)
-    flags.DEFINE_string("out", None, "Where to write the .model file.")
+    flags.DEFINE_string("out", None, "Where to write the tokenizer: NAME.model (SentencePiece) or NAME.json (BPE).")
     flags.mark_flags_as_required(["vocab_size", "out"])
     default_config = Path(__file__).resolve().parents[2] / "configs" / "tiny.py"
     run_main(TRAIN_COMMAND.removesuffix(" train"), main, default_config=default_config)
