@@ -55,7 +55,7 @@ def hf_config(cfg: ModelConfig, *, dtype: str = "float32", max_position_embeddin
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "torch_dtype": dtype,
         "dtype": dtype,
-        "pad_token_id": 0,
+        "pad_token_id": 0,  # the byte tokenizer's; export_hf writes the run's tokenizer's
         "bos_token_id": 1,
         "eos_token_id": 2,
         "use_cache": True,
@@ -129,10 +129,18 @@ def _model_config(values: dict[str, Any]) -> ModelConfig:
 
 
 def export_hf(
-    directory: Path, params: Params, cfg: ModelConfig, *, dtype: str, max_shard_size: int | str, max_positions: int
+    directory: Path,
+    params: Params,
+    cfg: ModelConfig,
+    *,
+    dtype: str,
+    max_shard_size: int | str,
+    max_positions: int,
+    special_ids: dict[str, int],
 ) -> None:
-    """`config.json` and `model.safetensors` (sharded above `max_shard_size`), the per-head gain folded in."""
-    values = hf_config(cfg, dtype=dtype, max_position_embeddings=max_positions)
+    """`config.json` (with the tokenizer's `special_ids`) and `model.safetensors` (sharded above
+    `max_shard_size`), the per-head gain folded in."""
+    values = hf_config(cfg, dtype=dtype, max_position_embeddings=max_positions) | special_ids
     tensors = hf_layout(cfg).to_external(fold_subln_gain(params, cfg))
     write_safetensors(directory, {name: value.astype(DTYPES[dtype]) for name, value in tensors.items()}, max_shard_size)
     write_json(directory / "config.json", values)

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import ml_collections
 
-from diffjax.config import base_config, model_config, validate
+from diffjax.config import base_config, check_tokenizer, model_config, validate
 from diffjax.convert.files import DTYPES, staged
 from diffjax.convert.hf import export_hf, import_hf
 from diffjax.convert.layout import ConversionError, Params
 from diffjax.convert.microsoft import export_microsoft, import_microsoft
 from diffjax.convert.params import flat_params, to_state
+from diffjax.convert.tokenizer import export_tokenizer, import_tokenizer, run_tokenizer, special_ids
 from diffjax.evaluate.load import load_model
 from diffjax.model import ModelConfig
 from diffjax.parallel.mesh import make_mesh
@@ -58,9 +59,13 @@ def export_run(
     out = Path(out)
     model, config = load_model(workdir, step)
     cfg, params = model_config(config), flat_params(model.params)
+    tokenizer = run_tokenizer(config.data.tokenizer) if fmt == "hf" else None
     with staged(out) as directory:
         if fmt == "hf":
-            export_hf(directory, params, cfg, dtype=dtype, max_shard_size=max_shard_size, max_positions=config.seq_len)
+            ids = special_ids(tokenizer)
+            sizes = {"max_shard_size": max_shard_size, "max_positions": config.seq_len}
+            export_hf(directory, params, cfg, dtype=dtype, special_ids=ids, **sizes)
+            export_tokenizer(directory, tokenizer, config.seq_len)
         else:
             export_microsoft(directory, params, cfg, dtype=dtype, max_shard_size=max_shard_size)
     return out
@@ -81,6 +86,7 @@ def config_file(config: ml_collections.ConfigDict, source: Path) -> str:
     """`config.py` text: the defaults plus what differs from them, for `train.py --config=`."""
     model = {name: config.model[name] for name in IMPORTED_FIELDS}
     lines = "".join(f"        {name}={value!r},\n" for name, value in model.items())
+    tokenizer = f"    config.data.tokenizer = {config.data.tokenizer!r}\n" if config.data.tokenizer != "byte" else ""
     return (
         f'"""Imported from {source} by `python -m diffjax.convert import`.\n\n'
         f"Fine-tune: python train.py --config={Path(config.init_from) / 'config.py'}\n"
@@ -89,6 +95,7 @@ def config_file(config: ml_collections.ConfigDict, source: Path) -> str:
         "def get_config():\n"
         "    config = base_config()\n"
         f"    config.model.update(\n{lines}    )\n"
+        f"{tokenizer}"
         f"    config.workdir = {config.workdir!r}\n"
         f"    config.init_from = {config.init_from!r}\n"
         "    return config\n"
@@ -103,8 +110,12 @@ def import_run(source: str | Path, out: str | Path, fmt: str = "hf") -> Path:
     cfg, params = IMPORTERS[fmt](source)
     config = run_config(cfg, out)
     state = to_state(params, cfg)
-    metadata = run_metadata(config, make_mesh((1, -1, 1))) | {"imported_from": f"{fmt}:{source.absolute()}"}
     with staged(out) as directory:
+        name = import_tokenizer(source, directory) if fmt == "hf" else None
+        if name:  # the tokenizer travels with the model; the byte tokenizer otherwise
+            config.data.tokenizer = str(out.absolute() / name)
+            check_tokenizer(config, run_tokenizer(str(directory / name)))
+        metadata = run_metadata(config, make_mesh((1, -1, 1))) | {"imported_from": f"{fmt}:{source.absolute()}"}
         save_params(directory, 0, state, metadata)
         (directory / "config.py").write_text(config_file(config, source.absolute()))
     return out

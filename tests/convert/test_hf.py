@@ -17,6 +17,8 @@ import pytest
 from diffjax.convert.files import INDEX, read_safetensors
 from diffjax.convert.hf import export_hf, import_hf
 from diffjax.convert.layout import fold_subln_gain
+from diffjax.convert.tokenizer import special_ids
+from diffjax.data.tokenizer import ByteTokenizer
 
 from .models import CASES, assert_same_params, case_config, greedy, logits, random_params, tokens
 
@@ -39,7 +41,8 @@ def one_torch_thread():
 
 def _export(directory, cfg, params, dtype="float32", max_shard_size="5GB"):
     directory.mkdir(parents=True, exist_ok=True)
-    export_hf(directory, params, cfg, dtype=dtype, max_shard_size=max_shard_size, max_positions=64)
+    sizes = {"max_shard_size": max_shard_size, "max_positions": 64}
+    export_hf(directory, params, cfg, dtype=dtype, special_ids=special_ids(ByteTokenizer()), **sizes)
     return directory
 
 

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ from diffjax.convert.hf import hf_config
 from diffjax.convert.layout import ConversionError
 from diffjax.convert.params import flat_params
 from diffjax.convert.runs import export_run, import_run
+from diffjax.data.corpus import python_docs
+from diffjax.data.tokenizer import ByteTokenizer, load_tokenizer, train_bpe, train_sentencepiece
 from diffjax.parallel.mesh import make_mesh
 from diffjax.train.checkpoint import find_checkpoint, restore_params
 from diffjax.train.state import make_trainer
@@ -51,6 +54,60 @@ def test_an_imported_run_is_the_exported_one_and_fine_tuning_starts_from_it(run,
     directory, step = find_checkpoint(file_config.init_from, trainer.abstract_state.params)
     restored = restore_params(directory, step, trainer.abstract_state.params)
     assert_same_params(flat_params(restored), flat_params(model.params))
+
+
+MIXED_TEXT = "naïve café — 東京 🐍🎉 👩‍👩‍👧\n\tdef f(x):  return x ** 2  # 12345 \x00"
+
+
+def test_the_hf_export_is_complete_its_tokenizer_has_diffjax_ids_and_greedy_text_agrees(run, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    workdir, hf = run
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {p.name for p in hf.iterdir()}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf)
+    assert tokenizer.encode(MIXED_TEXT, add_special_tokens=False) == ByteTokenizer().encode(MIXED_TEXT).tolist()
+    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
+
+    prompt, num_tokens = "The ", 12
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf)
+    ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer.encode(prompt, add_special_tokens=False)]])
+    with torch.no_grad():
+        generated = model.generate(ids, max_new_tokens=num_tokens, do_sample=False)
+    hf_text = prompt + tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
+    command = [sys.executable, "-m", "diffjax.generate", f"--workdir={workdir}", f"--prompt={prompt}"]
+    result = subprocess.run([*command, f"--max_tokens={num_tokens}"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.rsplit("\nstep ", 1)[0] == hf_text
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "tokenizer_json"])
+def test_trained_tokenizers_export_as_themselves_and_import_back(tmp_path, kind):
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path / ("tok.model" if kind == "sentencepiece" else "tok.json")
+    (train_sentencepiece if kind == "sentencepiece" else train_bpe)(python_docs("train"), 600, path)
+    config = load_config(REPO / "configs" / "tiny.py")
+    config.data.tokenizer = str(path)
+    save_run(tmp_path / "run", [1], model={"vocab_size": 640}, data=config.data)
+    hf = export_run(tmp_path / "run", tmp_path / "hf", "hf")
+    ours = load_tokenizer(str(path))
+    theirs = transformers.AutoTokenizer.from_pretrained(hf)
+    assert theirs.encode(MIXED_TEXT, add_special_tokens=False) == ours.encode(MIXED_TEXT).tolist()
+    assert (theirs.pad_token_id, theirs.bos_token_id, theirs.eos_token_id) == (ours.pad_id, ours.bos_id, ours.eos_id)
+    assert json.loads((hf / "config.json").read_text())["vocab_size"] == 640
+
+    imported = load_config(import_run(hf, tmp_path / "imported") / "config.py")
+    back = load_tokenizer(imported.data.tokenizer)
+    assert Path(imported.data.tokenizer).parent == (tmp_path / "imported").absolute()
+    np.testing.assert_array_equal(back.encode(MIXED_TEXT), ours.encode(MIXED_TEXT))
+
+
+def test_export_names_a_tokenizer_that_is_gone(tmp_path):
+    config = load_config(REPO / "configs" / "tiny.py")
+    config.data.tokenizer = str(tmp_path / "gone.model")
+    save_run(tmp_path / "run", [1], data=config.data)
+    with pytest.raises(ConversionError, match=r"the run's tokenizer \(data.tokenizer=.*gone.model'\) cannot be read"):
+        export_run(tmp_path / "run", tmp_path / "hf", "hf")
+    assert not (tmp_path / "hf").exists()
 
 
 def test_microsoft_round_trip_of_a_run_is_bit_exact_and_keeps_the_gain(run, tmp_path):

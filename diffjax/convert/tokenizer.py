@@ -1,0 +1,115 @@
+"""A run's tokenizer in Hugging Face form, so that `AutoTokenizer.from_pretrained(exported)` works beside the model.
+
+- byte-level: a `tokenizer.json` built here whose ids are diffjax's exactly (`<|pad|>` 0, `<|bos|>` 1,
+  `<|eos|>` 2, byte b at b + 3: a BPE without merges over GPT-2's byte alphabet);
+- a `tokenizer.json`: the file itself;
+- SentencePiece: the model as `tokenizer.model`, read by transformers' `LlamaTokenizer` with no prefix space
+  and identity normalisation, as diffjax reads it (one difference: a literal U+2581 in the text, which diffjax
+  spells in byte pieces and the Llama tokenizer reads as a space).
+
+`tokenizer_config.json` names BOS/EOS/PAD and adds no special tokens (diffjax starts prompts with BOS
+itself: prepend `bos_token_id` to match); `generation_config.json` carries the same ids. Import reads the
+tokenizer back from `tokenizer.json`, else `tokenizer.model`.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+from diffjax.config import ConfigError
+from diffjax.convert.layout import ConversionError
+from diffjax.data.tokenizer import (
+    HF_CONFIG,
+    HF_FILE,
+    HF_SPECIAL,
+    ByteTokenizer,
+    HuggingFaceTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    load_tokenizer,
+)
+
+SENTENCEPIECE_FILE = "tokenizer.model"
+
+
+def special_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    return {"pad_token_id": tokenizer.pad_id, "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+
+
+def run_tokenizer(spec: str) -> Tokenizer:
+    """The tokenizer a run was trained with (`data.tokenizer` of its config), or a one-line `ConversionError`."""
+    try:
+        return load_tokenizer(spec)
+    except ConfigError as error:
+        raise ConversionError(
+            f"the run's tokenizer (data.tokenizer={spec!r}) cannot be read: {error}; export from the directory "
+            "the run was trained in"
+        ) from None
+
+
+def export_tokenizer(directory: Path, tokenizer: Tokenizer, max_length: int) -> None:
+    """Write `tokenizer` into `directory` with `tokenizer_config.json` and `generation_config.json`."""
+    if isinstance(tokenizer, ByteTokenizer):
+        (directory / HF_FILE).write_text(byte_tokenizer_json())
+        names, tokenizer_class = dict(zip(("pad", "bos", "eos"), HF_SPECIAL, strict=True)), "PreTrainedTokenizerFast"
+    elif isinstance(tokenizer, HuggingFaceTokenizer):
+        shutil.copyfile(tokenizer.path, directory / HF_FILE)
+        ids = {"pad": tokenizer.pad_id, "bos": tokenizer.bos_id, "eos": tokenizer.eos_id}
+        names = {role: tokenizer.tokenizer.id_to_token(i) for role, i in ids.items()}
+        tokenizer_class = "PreTrainedTokenizerFast"
+    else:
+        shutil.copyfile(tokenizer.path, directory / SENTENCEPIECE_FILE)
+        processor = tokenizer.processor
+        names = {role: processor.id_to_piece(getattr(tokenizer, f"{role}_id")) for role in ("pad", "bos", "eos")}
+        tokenizer_class = "LlamaTokenizer"
+    config = {
+        "tokenizer_class": tokenizer_class,
+        **{f"{role}_token": name for role, name in names.items()},
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "model_max_length": max_length,
+    }
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        config |= {"legacy": False, "add_prefix_space": False}
+    (directory / HF_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    generation = special_ids(tokenizer) | {"do_sample": False}
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def byte_tokenizer_json() -> str:
+    """`tokenizer.json` text of diffjax's byte tokenizer: the same ids, lossless on any text."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    alphabet = _bytes_to_characters()
+    vocab = {name: i for i, name in enumerate(HF_SPECIAL)}
+    vocab |= {alphabet[b]: b + ByteTokenizer.offset for b in range(256)}
+    tokenizer = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(list(HF_SPECIAL))
+    return tokenizer.to_str(pretty=True)
+
+
+def _bytes_to_characters() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map, the alphabet of byte-level tokenizers."""
+    from tokenizers import pre_tokenizers
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = iter(range(256, 512))
+    mapping = {b: chr(b) if b in printable else chr(next(shifted)) for b in range(256)}
+    assert set(mapping.values()) == set(pre_tokenizers.ByteLevel.alphabet())
+    return mapping
+
+
+def import_tokenizer(source: Path, directory: Path) -> str | None:
+    """Copy `source`'s tokenizer into `directory` (`tokenizer.json` first, else `tokenizer.model`, with its
+    `tokenizer_config.json`) after checking it reads; returns the file's name, or None when there is none."""
+    for name in (HF_FILE, SENTENCEPIECE_FILE):
+        if (source / name).is_file():
+            run_tokenizer(str(source / name))  # readable, with its special ids, or refused before anything is written
+            shutil.copyfile(source / name, directory / name)
+            if (source / HF_CONFIG).is_file():
+                shutil.copyfile(source / HF_CONFIG, directory / HF_CONFIG)
+            return name
+    return None
