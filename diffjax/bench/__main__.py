@@ -154,7 +154,7 @@ def bench_accelerator() -> None:
 
     if not _OUT.value:
         raise UsageError("--out is required: a new directory for results.json and results.md")
-    budget = accelerator.QUICK_BUDGET_S if _QUICK.value and _BUDGET_S.present == 0 else _BUDGET_S.value
+    budget = accelerator.QUICK_BUDGET_S if _QUICK.value and not _BUDGET_S.present else _BUDGET_S.value
     if not budget > 0:
         raise UsageError(f"--budget_s={_BUDGET_S.value} must be a positive number of seconds")
     stages = accelerator.select(_STAGES.value)
@@ -169,8 +169,12 @@ def bench_accelerator() -> None:
 def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[1] not in BENCHMARKS:
         raise UsageError(f"name one benchmark: {', '.join(BENCHMARKS)} (got {argv[1:]})")
-    benchmarks = {"data": bench_data, "train_step": bench_train_step, "kernels": bench_kernels}
-    benchmarks["accelerator"] = bench_accelerator
+    benchmarks = {
+        "data": bench_data,
+        "train_step": bench_train_step,
+        "kernels": bench_kernels,
+        "accelerator": bench_accelerator,
+    }
     benchmarks[argv[1]]()
 
 
