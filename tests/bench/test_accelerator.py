@@ -7,9 +7,11 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import pytest
 from conftest import REPO
 
+from diffjax.bench import stages
 from diffjax.bench.accelerator import STAGE_NAMES, render_markdown
 
 STAGE_KEYS = {"status", "seconds", "budget_s", "error", "log", "results"}
@@ -125,6 +127,37 @@ def test_the_suite_and_the_training_path_import_without_optional_packages():
     ml-collections and tensorboardX are installed (../shared/device/wheels.sh brings the last four)."""
     result = subprocess.run([sys.executable, "-c", BARE_MACHINE], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_the_train_step_stage_takes_the_first_policy_that_fits_and_halves_layers_only_if_none_does(
+    tmp_path, monkeypatch
+):
+    """What an accelerator's memory decides, with the out-of-memory errors XLA raises simulated."""
+    fits = {(2, "full")}  # of the tiny config's 4 layers, only 2 layers with full remat fit
+
+    def time_steps(config, device, steps):
+        if (config.model.num_layers, config.model.remat_policy) not in fits:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123 bytes.")
+        return [0.5] * steps, [5.0], 1.25
+
+    monkeypatch.setattr(stages, "_time_steps", time_steps)
+    log = stages.StageLog(tmp_path / "train_step.json", deadline=time.time() + 60)
+    config = stages.load_config_file(REPO / "configs" / "tiny.py")
+    row = stages._fitting_step(log, config, stages.REMAT_ORDER, jax.devices()[0], steps=3)
+    assert (row["layers"], row["remat_policy"], row["step_s"]) == (2, "full", 0.5)
+    assert row["tokens_per_s"] == config.batch_size * config.seq_len / 0.5 and row["memory_gib"] == 1.25
+    tried = [(a["layers"], a["remat_policy"], a["outcome"]) for a in log.results["attempts"]]
+    assert tried == [(4, p, "out of memory") for p in stages.REMAT_ORDER] + [
+        (2, "none", "out of memory"),
+        (2, "minimal", "out of memory"),
+        (2, "save_attention", "out of memory"),
+        (2, "full", "fits"),
+    ]
+    assert json.loads(log.path.read_text())["results"]["attempts"][-1]["outcome"] == "fits"
+
+    monkeypatch.setattr(stages, "_time_steps", lambda *args: 1 / 0)  # anything else is the stage's failure
+    with pytest.raises(ZeroDivisionError):
+        stages._fitting_step(log, config, stages.REMAT_ORDER, jax.devices()[0], steps=3)
 
 
 def test_the_markdown_report_has_a_summary_row_per_stage_and_tables_for_row_lists():
