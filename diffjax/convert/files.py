@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 
 from diffjax.convert.layout import ConversionError, Params
+from diffjax.files import open_permissions
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -72,6 +73,7 @@ def write_safetensors(directory: Path, tensors: Params, max_shard_size: int | st
     for filename, names in split.filename_to_tensors.items():
         # transformers refuses safetensors files without this metadata
         safetensors.numpy.save_file({name: tensors[name] for name in names}, directory / filename, {"format": "pt"})
+        open_permissions(directory / filename)  # safetensors writes through a 0600 temporary file
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (directory / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

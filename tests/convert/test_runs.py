@@ -2,8 +2,10 @@
 and the command line's refusals (one line, exit code 2, nothing written)."""
 
 import json
+import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +101,21 @@ def test_trained_tokenizers_export_as_themselves_and_import_back(tmp_path, kind)
     back = load_tokenizer(imported.data.tokenizer)
     assert Path(imported.data.tokenizer).parent == (tmp_path / "imported").absolute()
     np.testing.assert_array_equal(back.encode(MIXED_TEXT), ours.encode(MIXED_TEXT))
+
+
+def test_every_exported_file_is_readable_by_others_as_open_would_make_it(run, tmp_path):
+    """safetensors writes through a private temporary (0600); an export is for others to read."""
+    workdir, _ = run
+    umask = os.umask(0o022)
+    try:
+        exports = [export_run(workdir, tmp_path / fmt, fmt, max_shard_size="20KB") for fmt in ("hf", "microsoft")]
+    finally:
+        os.umask(umask)
+    files = [path for out in exports for path in out.rglob("*") if path.is_file()]
+    assert len([path for path in files if path.suffix == ".safetensors"]) > 2  # sharded
+    assert {path.name: oct(stat.S_IMODE(path.stat().st_mode)) for path in files} == {
+        path.name: "0o644" for path in files
+    }
 
 
 def test_export_names_a_tokenizer_that_is_gone(tmp_path):
