@@ -1,9 +1,11 @@
 """What every diffjax command line shares: the `--config` flag and one-line errors with exit code 2."""
 
+import difflib
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -15,12 +17,51 @@ class UsageError(ValueError):
     """Bad input from the user: reported as one line, exit code 2, never a traceback."""
 
 
+KEYS_DOCUMENTED = "base_config() in diffjax/config.py lists every key with its default"
+
+
 def fail(program: str, error: BaseException | str) -> None:
-    if isinstance(error, AttributeError | KeyError):  # config_flags' word for a key the config lacks
-        error = f"unknown config key {str(error).strip(chr(34))}; the config file lists every key"
     lines = str(error).strip().splitlines()
     print(f"{program}: error: {lines[0] if lines else type(error).__name__}", file=sys.stderr)
     sys.exit(2)
+
+
+def _config_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every dotted key of `config`, nested ones and the dicts holding them alike."""
+    keys = []
+    for name, value in config.items():
+        keys.append(prefix + name)
+        if isinstance(value, ml_collections.ConfigDict):
+            keys += _config_keys(value, f"{prefix}{name}.")
+    return keys
+
+
+def unknown_key_message(argv: list[str], default_config: Path | None) -> str | None:
+    """For the first `--config.KEY=VALUE` whose KEY the config lacks: the key, the nearest existing one, and
+    where keys are documented. None when every override names a key (or the config cannot be read)."""
+    from diffjax.config import load_config_file
+
+    spec = str(default_config) if default_config else None
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-config") and i + 1 < len(argv):
+            spec = argv[i + 1]
+        elif arg.startswith(("--config=", "-config=")):
+            spec = arg.split("=", 1)[1]
+    if spec is None:
+        return None
+    path, _, choice = spec.partition(":")
+    try:
+        keys = _config_keys(load_config_file(path, choice or None))
+    except Exception:  # a broken config file is reported by config_flags itself
+        return None
+    for arg in argv:
+        key = arg.removeprefix("-").removeprefix("-").partition("=")[0]
+        if not key.startswith("config.") or (key := key.removeprefix("config.")) in keys:
+            continue
+        nearest = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+        hint = f"; did you mean {nearest[0]!r}?" if nearest else ""
+        return f"unknown config key {key!r}{hint}; {KEYS_DOCUMENTED}"
+    return None
 
 
 def _check_config_path(program: str, argv: list[str]) -> None:
@@ -39,18 +80,24 @@ def run_main(program: str, main: Callable[[list[str]], None], default_config: Pa
     `main` raises `UsageError` (or a subclass, such as `ConfigError`) for input it rejects.
     """
     _check_config_path(program, sys.argv)
+
+    def report(error: BaseException) -> None:
+        if isinstance(error, AttributeError | KeyError):  # config_flags' word for a key the config lacks
+            error = unknown_key_message(sys.argv, default_config) or error
+        fail(program, error)
+
     try:  # config_flags reads the overrides in sys.argv as soon as the flag is defined
         config_flags.DEFINE_config_file(
             "config", str(default_config) if default_config else None, "Config file, as path[:attention_type]."
         )
     except FLAG_ERRORS as error:
-        fail(program, error)
+        report(error)
 
     def parse(argv: list[str]) -> list[str]:
         try:
             return flags.FLAGS(argv)
         except FLAG_ERRORS as error:
-            fail(program, error)
+            report(error)
 
     def guarded_main(argv: list[str]) -> None:
         logging.set_verbosity(logging.ERROR)  # keep JAX backend probing and TFDS chatter out of the output

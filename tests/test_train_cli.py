@@ -74,3 +74,22 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("train.py: error: step ") and "is not finite; the update was not applied" in last, last
+
+
+KEYS_DOCUMENTED = "base_config() in diffjax/config.py lists every key with its default"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--config.modle.num_layers=2", "unknown config key 'modle.num_layers'; did you mean 'model.num_layers'?"),
+        ("--config.model.num_layer=2", "unknown config key 'model.num_layer'; did you mean 'model.num_layers'?"),
+        ("--config.total_step=5", "unknown config key 'total_step'; did you mean 'total_steps'?"),
+        ("--config.zzzz=1", "unknown config key 'zzzz'"),
+    ],
+)
+def test_a_misspelt_key_is_named_with_the_nearest_one_in_one_clean_line(override, message):
+    command = [sys.executable, str(REPO / "train.py"), "--config=configs/tiny.py:standard", override]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and not result.stdout
+    assert result.stderr == f"train.py: error: {message}; {KEYS_DOCUMENTED}\n"
