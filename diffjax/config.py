@@ -41,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.learning_rate = 3e-3
     config.end_learning_rate = 3e-4
     config.lr_schedule = "cosine"
-    config.warmup_steps = 40
+    config.warmup_steps = 40  # linear warmup; a shorter run warms up over all its steps (said at start-up)
     config.adam_b1 = 0.9
     config.adam_b2 = 0.98
     config.adam_eps = 1e-8
@@ -233,8 +233,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.seq_len < 2:
         _fail(f"seq_len={config.seq_len} is smaller than 2; a packed row needs at least two tokens")
     _validate_data(config.data)
-    if config.warmup_steps > config.total_steps:
-        _fail(f"warmup_steps={config.warmup_steps} exceeds total_steps={config.total_steps}")
     for key in ("adam_b1", "adam_b2"):
         if not 0 <= config[key] < 1:
             _fail(f"{key}={config[key]} must lie in [0, 1)")

@@ -17,7 +17,7 @@ from diffjax.parallel.mesh import initialize_distributed, make_mesh
 from diffjax.train.checkpoint import RunCheckpoints, find_checkpoint, restore_params, run_metadata
 from diffjax.train.flops import peak_tflops, training_flops_per_token
 from diffjax.train.metrics import MetricsWriter, ProgressLog
-from diffjax.train.optimizer import learning_rate_schedule
+from diffjax.train.optimizer import learning_rate_schedule, warmup_note
 from diffjax.train.preemption import StopRequest
 from diffjax.train.state import Trainer, create_state, global_batch, make_trainer, state_from_params
 from diffjax.train.step import TrainState
@@ -86,6 +86,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, float]:
             f"model: {num_params / 1e6:.2f}M parameters, {config.model.attention_type} attention, "
             f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, workdir {workdir}"
         )
+        if note := warmup_note(config):
+            log(note)
         session = _Session.start(config, trainer, checkpoints, validation, workdir, log, int(state.step))
         return session.run(state, train_batches, tokenizer)
     finally:

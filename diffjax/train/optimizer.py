@@ -5,17 +5,32 @@ import ml_collections
 import optax
 
 
+def warmup_steps(config: ml_collections.ConfigDict) -> int:
+    """Steps of linear warmup: `warmup_steps`, or every step of a run shorter than that (a smoke run)."""
+    return min(config.warmup_steps, config.total_steps)
+
+
+def warmup_note(config: ml_collections.ConfigDict) -> str | None:
+    """The line a run prints once when its warmup is cut to its length, else None."""
+    if config.warmup_steps <= config.total_steps:
+        return None
+    return (
+        f"warmup_steps={config.warmup_steps} exceeds total_steps={config.total_steps}: "
+        f"warming up over all {config.total_steps} steps"
+    )
+
+
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     """Linear warmup from 0 to `learning_rate`, then decay to `end_learning_rate` at `total_steps`."""
-    decay_steps = max(config.total_steps - config.warmup_steps, 1)
+    warmup = warmup_steps(config)
+    decay_steps = max(config.total_steps - warmup, 1)
     if config.lr_schedule == "cosine":
         decay = optax.cosine_decay_schedule(
             config.learning_rate, decay_steps, alpha=config.end_learning_rate / config.learning_rate
         )
     else:
         decay = optax.linear_schedule(config.learning_rate, config.end_learning_rate, decay_steps)
-    warmup = optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
-    return optax.join_schedules([warmup, decay], [config.warmup_steps])
+    return optax.join_schedules([optax.linear_schedule(0.0, config.learning_rate, warmup), decay], [warmup])
 
 
 def _parameter_name(path: tuple) -> str:

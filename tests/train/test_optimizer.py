@@ -5,8 +5,9 @@ import pytest
 from conftest import REPO, load_config
 from flax import nnx
 
+from diffjax.config import validate
 from diffjax.model import DiffTransformer
-from diffjax.train.optimizer import learning_rate_schedule, make_optimizer, weight_decay_mask
+from diffjax.train.optimizer import learning_rate_schedule, make_optimizer, warmup_note, weight_decay_mask
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])
@@ -18,6 +19,16 @@ def test_schedule_warms_up_then_decays_to_the_end_value(schedule):
     assert lr(50) < lr(20) < lr(10)
     midpoint = 5.5e-4 if schedule == "linear" else 1e-4 + 0.5 * 9e-4 * (1 + np.cos(np.pi * 0.5))
     np.testing.assert_allclose(lr(55), midpoint, rtol=1e-4)
+
+
+def test_a_run_shorter_than_its_warmup_warms_up_over_all_its_steps_and_says_so():
+    config = load_config(REPO / "configs" / "tiny.py")  # warmup_steps=40
+    assert warmup_note(config) is None
+    config.update(total_steps=5, learning_rate=1e-3)
+    validate(config)  # a five-step smoke run is accepted
+    assert warmup_note(config) == "warmup_steps=40 exceeds total_steps=5: warming up over all 5 steps"
+    lr = learning_rate_schedule(config)
+    np.testing.assert_allclose([lr(step) for step in range(6)], [0.0, 2e-4, 4e-4, 6e-4, 8e-4, 1e-3], rtol=1e-5)
 
 
 def test_weight_decay_skips_norm_gains_and_lambda_vectors(tiny_model_config):
