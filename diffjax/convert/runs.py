@@ -111,10 +111,11 @@ def import_run(source: str | Path, out: str | Path, fmt: str = "hf") -> Path:
     config = run_config(cfg, out)
     state = to_state(params, cfg)
     with staged(out) as directory:
-        name = import_tokenizer(source, directory) if fmt == "hf" else None
-        if name:  # the tokenizer travels with the model; the byte tokenizer otherwise
+        imported = import_tokenizer(source, directory) if fmt == "hf" else None
+        if imported:  # the tokenizer travels with the model; the byte tokenizer otherwise
+            name, tokenizer = imported
             config.data.tokenizer = str(out.absolute() / name)
-            check_tokenizer(config, run_tokenizer(str(directory / name)))
+            check_tokenizer(config, tokenizer)
         metadata = run_metadata(config, make_mesh((1, -1, 1))) | {"imported_from": f"{fmt}:{source.absolute()}"}
         save_params(directory, 0, state, metadata)
         (directory / "config.py").write_text(config_file(config, source.absolute()))

@@ -32,8 +32,13 @@ from diffjax.data.tokenizer import (
 SENTENCEPIECE_FILE = "tokenizer.model"
 
 
+def _roles(tokenizer: Tokenizer) -> dict[str, int]:
+    return {"pad": tokenizer.pad_id, "bos": tokenizer.bos_id, "eos": tokenizer.eos_id}
+
+
 def special_ids(tokenizer: Tokenizer) -> dict[str, int]:
-    return {"pad_token_id": tokenizer.pad_id, "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+    """`pad_token_id`, `bos_token_id`, `eos_token_id`, as Hugging Face configs name them."""
+    return {f"{role}_token_id": token_id for role, token_id in _roles(tokenizer).items()}
 
 
 def run_tokenizer(spec: str) -> Tokenizer:
@@ -49,18 +54,17 @@ def run_tokenizer(spec: str) -> Tokenizer:
 
 def export_tokenizer(directory: Path, tokenizer: Tokenizer, max_length: int) -> None:
     """Write `tokenizer` into `directory` with `tokenizer_config.json` and `generation_config.json`."""
+    roles = _roles(tokenizer)
     if isinstance(tokenizer, ByteTokenizer):
         (directory / HF_FILE).write_text(byte_tokenizer_json())
-        names, tokenizer_class = dict(zip(("pad", "bos", "eos"), HF_SPECIAL, strict=True)), "PreTrainedTokenizerFast"
+        names, tokenizer_class = dict(zip(roles, HF_SPECIAL, strict=True)), "PreTrainedTokenizerFast"
     elif isinstance(tokenizer, HuggingFaceTokenizer):
         shutil.copyfile(tokenizer.path, directory / HF_FILE)
-        ids = {"pad": tokenizer.pad_id, "bos": tokenizer.bos_id, "eos": tokenizer.eos_id}
-        names = {role: tokenizer.tokenizer.id_to_token(i) for role, i in ids.items()}
+        names = {role: tokenizer.tokenizer.id_to_token(i) for role, i in roles.items()}
         tokenizer_class = "PreTrainedTokenizerFast"
     else:
         shutil.copyfile(tokenizer.path, directory / SENTENCEPIECE_FILE)
-        processor = tokenizer.processor
-        names = {role: processor.id_to_piece(getattr(tokenizer, f"{role}_id")) for role in ("pad", "bos", "eos")}
+        names = {role: tokenizer.processor.id_to_piece(i) for role, i in roles.items()}
         tokenizer_class = "LlamaTokenizer"
     config = {
         "tokenizer_class": tokenizer_class,
@@ -102,14 +106,14 @@ def _bytes_to_characters() -> dict[int, str]:
     return mapping
 
 
-def import_tokenizer(source: Path, directory: Path) -> str | None:
+def import_tokenizer(source: Path, directory: Path) -> tuple[str, Tokenizer] | None:
     """Copy `source`'s tokenizer into `directory` (`tokenizer.json` first, else `tokenizer.model`, with its
-    `tokenizer_config.json`) after checking it reads; returns the file's name, or None when there is none."""
+    `tokenizer_config.json`) once it has been read; its file name and the tokenizer, or None when there is none."""
     for name in (HF_FILE, SENTENCEPIECE_FILE):
         if (source / name).is_file():
-            run_tokenizer(str(source / name))  # readable, with its special ids, or refused before anything is written
+            tokenizer = run_tokenizer(str(source / name))  # refused here, before anything is copied
             shutil.copyfile(source / name, directory / name)
             if (source / HF_CONFIG).is_file():
                 shutil.copyfile(source / HF_CONFIG, directory / HF_CONFIG)
-            return name
+            return name, tokenizer
     return None
