@@ -7,6 +7,7 @@
         [--kernel_kv_heads=8] [--tokens=16384] [--iterations=20] [--warmup_steps=2] \\
         [--variants=fused,two_flash,four_dpa,blockwise] [--interpret | --aot_topology=v5e:2x2]
     python -m diffjax.bench accelerator --out=DIR [--budget_s=1200] [--quick] [--stages=kernels,train_step]
+    python -m diffjax.bench harness --workdir=runs/tiny_diff [--hf=EXPORTED_DIR] [--count=200] [--harness_batch_size=16]
 
 The last line printed is `key=value` pairs. For `data` and `train_step` the first is `tokens_per_s`; `train_step` adds
 `peak_rss_mb`, and with `--compare_hf` ends the line with `hf_tokens_per_s` and `ratio` (diffjax / HF).
@@ -16,6 +17,8 @@ variant, `fused_speedup_fwd_bwd` over the best alternative); with `--aot_topolog
 timing and ends with `compiled`, `failed` and temp MiB per variant.
 `accelerator` is the suite to run once on a new GPU/TPU (`diffjax.bench.accelerator`, docs/accelerator.md): it
 writes `DIR/results.json` and `DIR/results.md`, prints a line per stage and exits 1 if a stage did not pass.
+`harness` prints lm-evaluation-harness requests/s per request type for diffjax (compiling, then warm) and for
+lm-eval's `hf` model on the export (`diffjax.bench.harness`), and ends with `key=value` pairs.
 """
 
 import sys
@@ -25,8 +28,9 @@ from absl import flags
 
 from diffjax.bench.timing import run_alternating
 from diffjax.cli import UsageError, run_main
+from diffjax.evaluate.results import format_table
 
-BENCHMARKS = ("data", "train_step", "kernels", "accelerator")
+BENCHMARKS = ("data", "train_step", "kernels", "accelerator", "harness")
 _BATCHES = flags.DEFINE_integer("batches", 500, "data: batches to time.")
 _WARMUP = flags.DEFINE_integer("warmup", 20, "data: batches to draw before timing.")
 _EMB_DIM = flags.DEFINE_integer("emb_dim", 256, "train_step: model width E.")
@@ -63,6 +67,11 @@ _OUT = flags.DEFINE_string("out", None, "accelerator: a new (or empty) directory
 _BUDGET_S = flags.DEFINE_float("budget_s", 1200, "accelerator: seconds for the whole suite, shared among the stages.")
 _QUICK = flags.DEFINE_bool("quick", False, "accelerator: every stage at toy sizes (a CPU check of the suite itself).")
 _STAGES = flags.DEFINE_list("stages", [], "accelerator: run only these stages (default: all, in order).")
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "harness: the run directory of the checkpoint to score.")
+_HF = flags.DEFINE_string("hf", "", "harness: its Hugging Face export (default: exported to a temporary dir).")
+_COUNT = flags.DEFINE_integer("count", 200, "harness: items per local task.")
+_HARNESS_BATCH = flags.DEFINE_integer("harness_batch_size", 16, "harness: sequences per forward pass, both LMs.")
 
 
 def bench_data() -> None:
@@ -166,6 +175,22 @@ def bench_accelerator() -> None:
         sys.exit(1)
 
 
+def bench_harness() -> None:
+    from diffjax.bench.harness import LMS, REQUEST_TYPES, benchmark_harness
+
+    if not _WORKDIR.value:
+        raise UsageError("--workdir is required: a run directory with a checkpoint")
+    if _COUNT.value < 1 or _HARNESS_BATCH.value < 1:
+        raise UsageError("--count and --harness_batch_size must be at least 1")
+    hf = Path(_HF.value).expanduser() if _HF.value else None
+    rates = benchmark_harness(Path(_WORKDIR.value).expanduser(), hf, _COUNT.value, _HARNESS_BATCH.value)
+    rows = [[kind, str(rates["requests"][kind]), *(f"{rates[lm][kind]:,.1f}" for lm in LMS)] for kind in REQUEST_TYPES]
+    print(format_table(["request type", "requests", *(f"{lm} req/s" for lm in LMS)], rows))
+    pairs = {f"{lm}_{kind}": rates[lm][kind] for lm in LMS for kind in REQUEST_TYPES}
+    pairs |= {f"ratio_warm_{kind}": rates["diffjax_warm"][kind] / rates["hf"][kind] for kind in REQUEST_TYPES}
+    print(" ".join(f"{key}={value:.4g}" for key, value in pairs.items()))
+
+
 def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[1] not in BENCHMARKS:
         raise UsageError(f"name one benchmark: {', '.join(BENCHMARKS)} (got {argv[1:]})")
@@ -174,6 +199,7 @@ def main(argv: list[str]) -> None:
         "train_step": bench_train_step,
         "kernels": bench_kernels,
         "accelerator": bench_accelerator,
+        "harness": bench_harness,
     }
     benchmarks[argv[1]]()
 

@@ -7,14 +7,16 @@
   and identity normalisation, as diffjax reads it (one difference: a literal U+2581 in the text, which diffjax
   spells in byte pieces and the Llama tokenizer reads as a space).
 
-`tokenizer_config.json` names BOS/EOS/PAD and adds no special tokens (diffjax starts prompts with BOS
-itself: prepend `bos_token_id` to match); `generation_config.json` carries the same ids. Import reads the
-tokenizer back from `tokenizer.json`, else `tokenizer.model`.
+Encoding with special tokens (transformers' default) starts the ids with BOS, as every diffjax document
+and prompt starts: `tokenizer(text)` is what the model saw in training, and so is what lm-evaluation-harness's
+`hf` model feeds it. `tokenizer_config.json` names BOS/EOS/PAD; `generation_config.json` carries the same
+ids. Import reads the tokenizer back from `tokenizer.json`, else `tokenizer.model`.
 """
 
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from diffjax.config import ConfigError
 from diffjax.convert.layout import ConversionError
@@ -28,6 +30,9 @@ from diffjax.data.tokenizer import (
     Tokenizer,
     load_tokenizer,
 )
+
+if TYPE_CHECKING:
+    import tokenizers
 
 SENTENCEPIECE_FILE = "tokenizer.model"
 
@@ -55,12 +60,10 @@ def run_tokenizer(spec: str) -> Tokenizer:
 def export_tokenizer(directory: Path, tokenizer: Tokenizer, max_length: int) -> None:
     """Write `tokenizer` into `directory` with `tokenizer_config.json` and `generation_config.json`."""
     roles = _roles(tokenizer)
-    if isinstance(tokenizer, ByteTokenizer):
-        (directory / HF_FILE).write_text(byte_tokenizer_json())
-        names, tokenizer_class = dict(zip(roles, HF_SPECIAL, strict=True)), "PreTrainedTokenizerFast"
-    elif isinstance(tokenizer, HuggingFaceTokenizer):
-        shutil.copyfile(tokenizer.path, directory / HF_FILE)
-        names = {role: tokenizer.tokenizer.id_to_token(i) for role, i in roles.items()}
+    if isinstance(tokenizer, ByteTokenizer | HuggingFaceTokenizer):
+        source = byte_tokenizer() if isinstance(tokenizer, ByteTokenizer) else tokenizer.tokenizer
+        names = {role: source.id_to_token(i) for role, i in roles.items()}
+        (directory / HF_FILE).write_text(with_bos(source, names["bos"], tokenizer.bos_id).to_str(pretty=True))
         tokenizer_class = "PreTrainedTokenizerFast"
     else:
         shutil.copyfile(tokenizer.path, directory / SENTENCEPIECE_FILE)
@@ -69,7 +72,7 @@ def export_tokenizer(directory: Path, tokenizer: Tokenizer, max_length: int) -> 
     config = {
         "tokenizer_class": tokenizer_class,
         **{f"{role}_token": name for role, name in names.items()},
-        "add_bos_token": False,
+        "add_bos_token": True,
         "add_eos_token": False,
         "model_max_length": max_length,
     }
@@ -80,8 +83,20 @@ def export_tokenizer(directory: Path, tokenizer: Tokenizer, max_length: int) -> 
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
-def byte_tokenizer_json() -> str:
-    """`tokenizer.json` text of diffjax's byte tokenizer: the same ids, lossless on any text."""
+def with_bos(tokenizer: "tokenizers.Tokenizer", bos: str, bos_id: int) -> "tokenizers.Tokenizer":
+    """A copy of `tokenizer` whose encodings with special tokens start with BOS (ids unchanged otherwise)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import processors
+
+    copy = HFTokenizer.from_str(tokenizer.to_str())
+    copy.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+    )
+    return copy
+
+
+def byte_tokenizer() -> "tokenizers.Tokenizer":
+    """diffjax's byte tokenizer as a Hugging Face tokenizer: the same ids, lossless on any text."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers
 
@@ -92,7 +107,7 @@ def byte_tokenizer_json() -> str:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(list(HF_SPECIAL))
-    return tokenizer.to_str(pretty=True)
+    return tokenizer
 
 
 def _bytes_to_characters() -> dict[int, str]:

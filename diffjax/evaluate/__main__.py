@@ -6,25 +6,27 @@
         [--needle_documents=4] [--needle_batch_size=8] [--attention_layer=-1 --attention_head=0] \\
         [--outlier_batches=2] [--prompt="The " ...] [--max_tokens=128] [--temperature=0 --top_k=0 --top_p=1] \\
         [--seed=0] [--data_dir=DIR]
+    python -m diffjax.evaluate --workdir=runs/tiny_diff --tasks=harness --harness_tasks=arc_easy,hellaswag \\
+        [--num_fewshot=N] [--limit=N] [--harness_include_path=DIR] [--harness_batch_size=16]
     python -m diffjax.evaluate compare --runs=runs/tiny_diff,runs/tiny_standard [--out=DIR]
 
 The first prints a table and writes `<workdir>/eval/<step>/results.json` and PNG figures; the second puts
 evaluated runs side by side in `--out` (default: the first run's `eval/compare/`).
 """
 
+import dataclasses
 from pathlib import Path
 
 from absl import flags
 
 from diffjax.cli import UsageError, run_main
 from diffjax.evaluate import sampling_flags
-from diffjax.evaluate.tasks.base import EvalOptions, GenerationOptions, NeedleGrid
+from diffjax.evaluate.tasks import DEFAULT as DEFAULT_TASKS
+from diffjax.evaluate.tasks.base import EvalOptions, GenerationOptions, HarnessOptions, NeedleGrid
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to evaluate.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_TASKS = flags.DEFINE_list(
-    "tasks", ["perplexity", "needles", "attention", "outliers", "lambda", "generate"], "Tasks to run, comma-separated."
-)
+_TASKS = flags.DEFINE_list("tasks", list(DEFAULT_TASKS), "Tasks to run, comma-separated (harness: see below).")
 _SPLIT = flags.DEFINE_string("split", "validation", "perplexity and outliers: data split.")
 _BATCHES = flags.DEFINE_integer("batches", 0, "perplexity: batches of the split (0: the run's eval_batches).")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "Where the run's data lives, if not where it trained.")
@@ -38,6 +40,11 @@ _MAP_LAYER = flags.DEFINE_integer(
 )
 _MAP_HEAD = flags.DEFINE_integer("attention_head", 0, "attention: head of the map figure.")
 _OUTLIER_BATCHES = flags.DEFINE_integer("outlier_batches", 2, "outliers: batches of the split.")
+_HARNESS_TASKS = flags.DEFINE_list("harness_tasks", [], "harness: lm-evaluation-harness task names.")
+_FEWSHOT = flags.DEFINE_integer("num_fewshot", None, "harness: few-shot examples (default: each task's own).")
+_LIMIT = flags.DEFINE_integer("limit", None, "harness: first N items of each task (default: all).")
+_INCLUDE = flags.DEFINE_string("harness_include_path", "", "harness: a directory of your own task YAML files.")
+_HARNESS_BATCH = flags.DEFINE_integer("harness_batch_size", 16, "harness: sequences per forward pass.")
 _RUNS = flags.DEFINE_list("runs", [], "compare: evaluated run directories, comma-separated.")
 _OUT = flags.DEFINE_string("out", "", "compare: output directory (default: <first run>/eval/compare).")
 
@@ -59,6 +66,26 @@ def needle_grid() -> NeedleGrid:
         raise UsageError("--needle_lengths, --needle_depths and --needle_counts (NxR, e.g. 4x2) must be non-empty")
     check_grid(grid)
     return grid
+
+
+def harness_options(tasks: list[str]) -> HarnessOptions:
+    """The harness flags, checked (task names too) before any checkpoint is read; defaults when unused."""
+    if "harness" not in tasks:
+        return HarnessOptions()
+    try:
+        from diffjax.evaluate.harness import check_tasks
+    except ImportError:
+        raise UsageError("--tasks=harness needs lm-evaluation-harness: pip install -e '.[eval]'") from None
+    if _FEWSHOT.value is not None and _FEWSHOT.value < 0:
+        raise UsageError(f"--num_fewshot={_FEWSHOT.value} must be at least 0")
+    if _LIMIT.value is not None and _LIMIT.value < 1:
+        raise UsageError(f"--limit={_LIMIT.value} must be at least 1 (leave it out for every item)")
+    if _HARNESS_BATCH.value < 1:
+        raise UsageError(f"--harness_batch_size={_HARNESS_BATCH.value} must be at least 1")
+    check_tasks(_HARNESS_TASKS.value, _INCLUDE.value)
+    return HarnessOptions(
+        tuple(_HARNESS_TASKS.value), _FEWSHOT.value, _LIMIT.value, _INCLUDE.value, _HARNESS_BATCH.value
+    )
 
 
 def evaluate() -> None:
@@ -87,6 +114,7 @@ def evaluate() -> None:
     workdir = Path(_WORKDIR.value).expanduser()
     if not workdir.is_dir():
         raise UsageError(f"workdir {workdir} does not exist")
+    options = dataclasses.replace(options, harness=harness_options(tasks))
     run_tasks(workdir, _STEP.value, tasks, options, _DATA_DIR.value)
 
 

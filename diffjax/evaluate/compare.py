@@ -68,9 +68,16 @@ def _row(step: int, results: dict[str, Any]) -> dict[str, str]:
     if "outliers" in tasks:
         row["logit top-1"] = f"{tasks['outliers']['attention_logits']['top-1']:.1f}"
         row["hidden top-1"] = f"{tasks['outliers']['hidden_states']['top-1']:.1f}"
+    for task, metrics in tasks.get("harness", {}).get("tasks", {}).items():
+        row |= {f"{task} {name}": f"{value:.4f}" for name, value in metrics.items() if _is_score(name, value)}
     if tasks.get("lambda", {}).get("applies"):
         row["mean lambda"] = f"{np.mean(tasks['lambda']['lambda']):.3f}"
     return row
+
+
+def _is_score(name: str, value: float | None) -> bool:
+    """A harness metric worth a column: computed, and not a standard error."""
+    return value is not None and not name.endswith("_stderr")
 
 
 def _column_order(column: str) -> tuple[int, str]:

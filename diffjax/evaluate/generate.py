@@ -15,6 +15,7 @@ user can run.
 import functools
 import math
 import time
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -85,6 +86,7 @@ def _generate(
     key: jax.Array,
     sampling: Sampling,
     stop_id: jax.Array,
+    also_stop: jax.Array,
     *,
     max_tokens: int,
     use_cache: bool,
@@ -119,9 +121,9 @@ def _generate(
         logits, cache = advance(params, out, (), jnp.int32(-1))  # causal: the unwritten `out` is not seen
 
     def emit(i: jax.Array, out: jax.Array, logits: jax.Array, done: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Sample token `i` (`stop_id` again for rows that have stopped)."""
+        """Sample token `i` (`stop_id` for rows that have stopped, at `stop_id` or one of `also_stop`)."""
         token = jnp.where(done, stop_id, sample(logits, jax.random.fold_in(key, i), sampling))
-        return out.at[:, i].set(token), done | (token == stop_id)
+        return out.at[:, i].set(token), done | (token == stop_id) | jnp.isin(token, also_stop)
 
     def step(carry: tuple) -> tuple:
         params, i, out, logits, cache, done = carry
@@ -155,11 +157,12 @@ def generate(
     *,
     seed: int = 0,
     stop_id: int | None = None,
+    also_stop: Sequence[int] = (),
     use_cache: bool = True,
 ) -> Generation:
     """The `max_tokens` ids that follow `prompt` (1-D, or `[B, L]` rows of one length sampled independently).
 
-    A row ends at its first `stop_id` (kept); the ids after it are `stop_id` too. Bad arguments raise
+    A row ends at its first `stop_id` or id of `also_stop` (kept); the ids after it are `stop_id`. Bad arguments raise
     `UsageError`.
     """
     prompt = np.asarray(prompt)
@@ -181,6 +184,7 @@ def generate(
         jax.random.key(seed),
         Sampling(*(np.asarray(value) for value in sampling)),
         np.int32(-1 if stop_id is None else stop_id),
+        np.resize(np.asarray([*also_stop, -1], np.int32), 1 << len(also_stop).bit_length()),  # few shapes
     )
     started = time.perf_counter()
     compiled = _generate.lower(graphdef, *args, max_tokens=max_tokens, use_cache=use_cache).compile()

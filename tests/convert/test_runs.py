@@ -72,7 +72,7 @@ def test_the_hf_export_is_complete_its_tokenizer_has_diffjax_ids_and_greedy_text
 
     prompt, num_tokens = "The ", 12
     model = transformers.AutoModelForCausalLM.from_pretrained(hf)
-    ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer.encode(prompt, add_special_tokens=False)]])
+    ids = tokenizer(prompt, return_tensors="pt").input_ids  # BOS first, as diffjax starts a prompt
     with torch.no_grad():
         generated = model.generate(ids, max_new_tokens=num_tokens, do_sample=False)
     hf_text = prompt + tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True)
@@ -95,6 +95,7 @@ def test_trained_tokenizers_export_as_themselves_and_import_back(tmp_path, kind)
     theirs = transformers.AutoTokenizer.from_pretrained(hf)
     assert theirs.encode(MIXED_TEXT, add_special_tokens=False) == ours.encode(MIXED_TEXT).tolist()
     assert (theirs.pad_token_id, theirs.bos_token_id, theirs.eos_token_id) == (ours.pad_id, ours.bos_id, ours.eos_id)
+    assert theirs(MIXED_TEXT).input_ids == [ours.bos_id, *ours.encode(MIXED_TEXT).tolist()]
     assert json.loads((hf / "config.json").read_text())["vocab_size"] == 640
 
     imported = load_config(import_run(hf, tmp_path / "imported") / "config.py")

@@ -19,7 +19,7 @@ from diffjax.evaluate import compare as compare_module
 from diffjax.evaluate.load import load_model
 from diffjax.evaluate.results import RESULTS
 from diffjax.evaluate.runner import evaluate
-from diffjax.evaluate.tasks import TASKS, attention, lambdas, outliers, select
+from diffjax.evaluate.tasks import DEFAULT, TASKS, attention, lambdas, outliers, select
 from diffjax.evaluate.tasks.base import EvalContext, EvalOptions, GenerationOptions, NeedleGrid
 from diffjax.evaluate.tasks.needles import NeedleItem, check_grid, encode_document, score_queries
 from diffjax.train.step import loss_sums
@@ -56,12 +56,12 @@ def assert_png(path):
 
 
 def test_every_task_writes_results_and_figures(diff_run, data_dir, capsys):
-    target = evaluate(diff_run, None, list(TASKS), OPTIONS, data_dir)
+    target = evaluate(diff_run, None, list(DEFAULT), OPTIONS, data_dir)
     assert target == diff_run / "eval" / "2"
     results = json.loads((target / RESULTS).read_text())
     assert results["step"] == 2 and results["model"]["attention_type"] == "diff"
     tasks = results["tasks"]
-    assert set(tasks) == set(TASKS)
+    assert set(tasks) == set(DEFAULT)
     for name in ("perplexity", "needles", "attention", "outliers", "lambda"):
         assert_png(target / tasks[name]["figure"])
     assert_png(target / tasks["attention"]["map_figure"])

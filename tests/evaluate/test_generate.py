@@ -61,6 +61,17 @@ def test_a_row_stops_at_its_stop_id_and_keeps_it(split_model):
     np.testing.assert_array_equal(until_stop(free, None), free)
 
 
+def test_a_row_also_stops_at_any_of_also_stop_and_then_repeats_stop_id(split_model):
+    graphdef, params = split_model()
+    free = generate(graphdef, params, PROMPT, 32).tokens[0]
+    others = [int(t) for t in free[5:] if t not in free[:5]]
+    also, eos = [int(free[3]), int(free[4]), *others[:1]], int(free[-1]) + 1
+    first = min(list(free).index(t) for t in also)
+    stopped = generate(graphdef, params, PROMPT, 32, stop_id=eos, also_stop=also).tokens[0]
+    np.testing.assert_array_equal(stopped[: first + 1], free[: first + 1])
+    assert (stopped[first + 1 :] == eos).all()
+
+
 def test_sampling_filters():
     logits = jnp.log(jnp.array([[0.05, 0.5, 0.3, 0.15]]))
     keys = jax.random.split(jax.random.key(0), 2000)

@@ -3,7 +3,7 @@
 from collections.abc import Callable
 
 from diffjax.cli import UsageError
-from diffjax.evaluate.tasks import attention, generation, lambdas, needles, outliers, perplexity
+from diffjax.evaluate.tasks import attention, generation, harness, lambdas, needles, outliers, perplexity
 from diffjax.evaluate.tasks.base import EvalContext, TaskResult
 
 TASKS: dict[str, Callable[[EvalContext], TaskResult]] = {
@@ -13,7 +13,9 @@ TASKS: dict[str, Callable[[EvalContext], TaskResult]] = {
     "outliers": outliers.run,
     "lambda": lambdas.run,
     "generate": generation.run,
+    "harness": harness.run,
 }
+DEFAULT = tuple(name for name in TASKS if name != "harness")  # the harness needs --harness_tasks
 
 
 def select(names: list[str]) -> list[str]:

@@ -32,6 +32,18 @@ class GenerationOptions:
 
 
 @dataclasses.dataclass(frozen=True)
+class HarnessOptions:
+    """lm-evaluation-harness: its task names, few-shot examples (None: each task's default), items per task
+    (None: all), a directory of the user's own task YAMLs, and sequences per forward pass."""
+
+    tasks: tuple[str, ...] = ()
+    num_fewshot: int | None = None
+    limit: int | None = None
+    include_path: str = ""
+    batch_size: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalOptions:
     split: str  # perplexity and outliers: the data split
     batches: int  # perplexity: batches of the split (0: the run's eval_batches; fewer when the split is shorter)
@@ -40,6 +52,7 @@ class EvalOptions:
     map_head: int = 0
     outlier_batches: int = 2  # outliers: batches of the split
     generation: GenerationOptions = GenerationOptions()
+    harness: HarnessOptions = HarnessOptions()
 
 
 @dataclasses.dataclass(frozen=True)
