@@ -10,8 +10,8 @@ The harness's `TemplateLM` turns requests into token ids exactly as its `hf` mod
 of a context move to the continuation; the continuation's ids are those of context + continuation past
 the context's), so scores are comparable with an exported model's. Contexts start with BOS, as every
 document did in training (and as the exported tokenizer encodes them, so the `hf` model on the export sees
-the same ids). Sequences are scored in batches padded to power-of-two lengths, so a task compiles a
-handful of programs; the batch is split over every device the parameters live on.
+the same ids). Sequences are scored in batches padded to one of four lengths per doubling, so a task
+compiles a handful of programs; the batch is split over every device the parameters live on.
 """
 
 import contextlib
@@ -76,8 +76,10 @@ def token_scores(
 
 
 def length_bucket(length: int, max_length: int) -> int:
-    """The padded length of a batch whose longest sequence has `length` tokens."""
-    return min(prompt_bucket(length), max(max_length, MIN_BUCKET))
+    """The padded length of a batch whose longest sequence has `length` tokens: four buckets per doubling
+    (at most a third of a batch is padding, against up to half with powers of two), from `MIN_BUCKET`."""
+    step = max(MIN_BUCKET, prompt_bucket(length) // 4)
+    return min(-(-length // step) * step, max(max_length, MIN_BUCKET))
 
 
 class DiffjaxLM(TemplateLM):
