@@ -3,6 +3,7 @@
     python train.py                                   # configs/tiny.py on the embedded corpus
     python train.py --config=configs/paper_830m.py    # a paper size
     python train.py --config=configs/tiny.py:standard --config.total_steps=100 --config.model.num_layers=2
+    python train.py --config=configs/paper_830m.py --print_config   # every key, its value and meaning; exits
 
 Bad input (unknown key, wrong type, invalid value) ends with one `train.py: error: ...` line and exit code 2.
 """
@@ -13,11 +14,21 @@ from absl import flags
 
 from diffjax.cli import UsageError, run_main
 
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "Print the resolved, validated config (every key, its value and meaning) and exit."
+)
+
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
     config = flags.FLAGS.config
+    if _PRINT_CONFIG.value:
+        from diffjax.config import describe, validate
+
+        validate(config)
+        print(describe(config))
+        return
     if config.aot_topology:
         from diffjax.train.aot import compile_for_topology, describe
 

@@ -17,7 +17,8 @@ class UsageError(ValueError):
     """Bad input from the user: reported as one line, exit code 2, never a traceback."""
 
 
-KEYS_DOCUMENTED = "base_config() in diffjax/config.py lists every key with its default"
+KEYS_DOCUMENTED = "docs/config.md lists every key; `python train.py --print_config` prints a run's resolved config"
+HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort")
 
 
 def fail(program: str, error: BaseException | str) -> None:
@@ -64,6 +65,22 @@ def unknown_key_message(argv: list[str], default_config: Path | None) -> str | N
     return None
 
 
+def _print_help(default_config: Path | None) -> None:
+    """The command's docstring, its own flags and, for commands that take a config, how to see every key;
+    exit code 0 (absl's --help exits 1 and lists no flag defined outside the main module)."""
+    print((sys.modules["__main__"].__doc__ or "").strip() + "\n")
+    own = flags.FLAGS.main_module_help().strip()
+    if own:
+        print(own + "\n")
+    if default_config is not None:
+        print(
+            f"  --config: a config file, as path[:variant] (default {default_config.parent.name}/{default_config.name})"
+            "\n  --config.KEY=VALUE: override any key of it, nested ones as --config.model.num_layers=2"
+            f"\n\n{KEYS_DOCUMENTED}."
+        )
+    sys.exit(0)
+
+
 def _check_config_path(program: str, argv: list[str]) -> None:
     """Name a missing config file plainly (config_flags only reports a failed import)."""
     for i, arg in enumerate(argv):
@@ -80,6 +97,8 @@ def run_main(program: str, main: Callable[[list[str]], None], default_config: Pa
     `main` raises `UsageError` (or a subclass, such as `ConfigError`) for input it rejects.
     """
     _check_config_path(program, sys.argv)
+    if any(arg in HELP_FLAGS for arg in sys.argv[1:]):
+        _print_help(default_config)
 
     def report(error: BaseException) -> None:
         if isinstance(error, AttributeError | KeyError):  # config_flags' word for a key the config lacks

@@ -31,66 +31,65 @@ class ConfigError(UsageError):
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Every key with its default; `configs/tiny.py` is this plus a run directory."""
+    """Every key with its default (`KEY_HELP` says what each means); `configs/tiny.py` is this plus a run
+    directory."""
     config = ml_collections.ConfigDict()
     config.workdir = "runs/tiny"
     config.seed = 0
     config.total_steps = 400
-    config.batch_size = 16  # global, in sequences
+    config.batch_size = 16
     config.seq_len = 128
     config.learning_rate = 3e-3
     config.end_learning_rate = 3e-4
     config.lr_schedule = "cosine"
-    config.warmup_steps = 40  # linear warmup; a shorter run warms up over all its steps (said at start-up)
+    config.warmup_steps = 40
     config.adam_b1 = 0.9
     config.adam_b2 = 0.98
     config.adam_eps = 1e-8
     config.weight_decay = 0.05
     config.grad_clip_norm = 1.0
     config.log_every_steps = 20
-    config.eval_every_steps = 200  # 0: evaluate only at the start and the end
+    config.eval_every_steps = 200
     config.eval_batches = 8
     config.sample_prompt = "The "
     config.sample_tokens = 96
-    config.grad_accum_steps = 1  # micro-batches per step (lax.scan), normalised by the real token count
-    config.z_loss = 0.0  # weight of log(Z)^2, as in PaLM (1e-4 there); 0: off
-    config.nan_policy = "stop"  # a non-finite loss or gradient: "stop" the run or "skip" the update
-    config.compilation_cache_dir = ""  # persistent XLA cache; "" = off
-    config.profile_start_step = -1  # jax.profiler trace of profile_steps steps from here into <workdir>/profile
+    config.grad_accum_steps = 1
+    config.z_loss = 0.0
+    config.nan_policy = "stop"
+    config.compilation_cache_dir = ""
+    config.profile_start_step = -1
     config.profile_steps = 5
-    config.cpu_peak_tflops = 1.0  # per core-set peak used for MFU on CPU (accelerators come from a table)
-    config.aot_topology = ""  # e.g. "v5p:4x4x4": compile for that TPU slice with libtpu and exit
-    config.checkpoint_every_steps = 100  # asynchronous saves to <workdir>/checkpoints (0: only at the end)
-    config.keep_checkpoints = 3  # the latest N checkpoints are kept...
-    config.keep_period = 0  # ...and every one whose step is a multiple of this, for good (0: none)
-    config.init_from = ""  # fine-tuning: parameters only, from a workdir, its checkpoints/ or one step's directory
-    config.restart_from_scratch = False  # start over although the workdir holds checkpoints, none of them usable
-    config.mesh = ml_collections.ConfigDict(dict(shape=(1, -1, 1), dcn_shape=(1, 1, 1)))  # (data, fsdp, tensor)
+    config.cpu_peak_tflops = 1.0
+    config.aot_topology = ""
+    config.checkpoint_every_steps = 100
+    config.keep_checkpoints = 3
+    config.keep_period = 0
+    config.init_from = ""
+    config.restart_from_scratch = False
+    config.mesh = ml_collections.ConfigDict(dict(shape=(1, -1, 1), dcn_shape=(1, 1, 1)))
     config.sharding_rules = DEFAULT_RULES
-    config.distributed = ml_collections.ConfigDict(
-        dict(coordinator="", num_processes=0, process_id=-1, timeout_s=300)  # empty: auto-detect or single host
-    )
+    config.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=0, process_id=-1, timeout_s=300))
     config.data = ml_collections.ConfigDict(
         dict(
-            source="diffjax_corpus",  # or text_files, needles, or any TFDS dataset name (lm1b, c4/en, ...)
-            mixture="",  # "name=weight,name=weight" over sources; overrides `source` when set
+            source="diffjax_corpus",
+            mixture="",
             data_dir="~/tensorflow_datasets",
-            files="",  # text_files: comma-separated paths or globs of .txt, .md, .jsonl
-            validation_fraction=0.1,  # text_files: share of documents held out
-            text_field="text",  # the feature holding the text, for TFDS datasets
-            validation_split="validation",  # for TFDS datasets whose held-out split has another name
-            tokenizer="byte",  # or the path of a SentencePiece model
-            packing="concat",  # concat (concatenate and split) or first_fit
-            shuffle_window=1024,  # packed training rows shuffled in windows of this many (0: off)
-            num_epochs=0,  # 0: repeat forever
-            prefetch="threads",  # threads, processes or none
+            files="",
+            validation_fraction=0.1,
+            text_field="text",
+            validation_split="validation",
+            tokenizer="byte",
+            packing="concat",
+            shuffle_window=1024,
+            num_epochs=0,
+            prefetch="threads",
             num_workers=2,
             needles=ml_collections.ConfigDict(
                 dict(
-                    context_length=4096,  # bytes of text per document
+                    context_length=4096,
                     num_needles=4,
                     num_queries=2,
-                    depth=0.5,  # where the needles start, as a fraction of the haystack
+                    depth=0.5,
                     num_train=2048,
                     num_validation=128,
                     seed=0,
@@ -100,10 +99,10 @@ def base_config() -> ml_collections.ConfigDict:
     )
     config.model = ml_collections.ConfigDict(
         dict(
-            vocab_size=259,  # the byte tokenizer's 256 bytes + PAD, BOS, EOS (checked at start-up)
+            vocab_size=259,
             emb_dim=128,
             num_layers=4,
-            num_heads=2,  # differential heads H; the standard baseline uses 2H
+            num_heads=2,
             num_kv_heads=2,
             mlp_dim=352,
             attention_type="diff",
@@ -116,13 +115,135 @@ def base_config() -> ml_collections.ConfigDict:
             dtype="float32",
             param_dtype="float32",
             remat_policy="none",
-            scan_layers=True,  # False unrolls the layer loop (faster small models on CPU, slower compiles)
-            attention_impl="auto",  # auto, reference, blockwise or pallas (diffjax.ops.dispatch)
-            attention_block_q=0,  # query/key tile sizes, powers of two; 0: the core's default (blockwise 128,
-            attention_block_k=0,  # pallas per chip: diffjax.ops.pallas_tpu / pallas_gpu default_blocks)
+            scan_layers=True,
+            attention_impl="auto",
+            attention_block_q=0,
+            attention_block_k=0,
         )
     )
     return config
+
+
+KEY_HELP = {
+    "workdir": "run directory: checkpoints/, metrics.jsonl, eval.jsonl, tensorboard/, config.json",
+    "seed": "parameter initialisation and data order",
+    "total_steps": "optimizer steps of the whole run (a resumed run continues to it)",
+    "batch_size": "global batch, in sequences of seq_len tokens",
+    "seq_len": "tokens per training sequence",
+    "learning_rate": "peak learning rate, reached after warmup",
+    "end_learning_rate": "learning rate at total_steps",
+    "lr_schedule": "decay after warmup: cosine or linear",
+    "warmup_steps": "linear warmup steps; a shorter run warms up over all its steps (said at start-up)",
+    "adam_b1": "AdamW beta1",
+    "adam_b2": "AdamW beta2",
+    "adam_eps": "AdamW epsilon",
+    "weight_decay": "AdamW weight decay (projection kernels and embeddings; not norm gains or lambdas)",
+    "grad_clip_norm": "gradients are clipped to this global norm",
+    "log_every_steps": "steps between metrics records (and plain progress lines without a terminal)",
+    "eval_every_steps": "steps between validation evaluations (0: only at the start and the end)",
+    "eval_batches": "validation batches per evaluation",
+    "sample_prompt": "prompt of the greedy sample printed at the end",
+    "sample_tokens": "tokens of that sample (0: none)",
+    "grad_accum_steps": "micro-batches per step (lax.scan), normalised by the real token count",
+    "z_loss": "weight of log(Z)^2, as in PaLM (1e-4 there); 0: off",
+    "nan_policy": "a non-finite loss or gradient: stop the run, or skip the update",
+    "compilation_cache_dir": "persistent XLA compilation cache directory (empty: off)",
+    "profile_start_step": "first step of a jax.profiler trace into <workdir>/profile (-1: none)",
+    "profile_steps": "steps the trace covers",
+    "cpu_peak_tflops": "peak TFLOP/s of the CPU, for MFU on CPU (accelerators come from a table)",
+    "aot_topology": "compile for this TPU slice with libtpu and exit, e.g. v5p:4x4x4 (empty: train)",
+    "checkpoint_every_steps": "steps between asynchronous saves to <workdir>/checkpoints (0: only at the end)",
+    "keep_checkpoints": "the latest N checkpoints are kept",
+    "keep_period": "checkpoints whose step is a multiple of this are kept for good (0: none)",
+    "init_from": "fine-tuning: parameters only, from a workdir, its checkpoints/ or one step's directory",
+    "restart_from_scratch": "start over although the workdir holds checkpoints, none of them usable",
+    "mesh.shape": "devices per axis (data, fsdp, tensor) within a slice; -1: the rest",
+    "mesh.dcn_shape": "slices per axis (data, fsdp, tensor) across the data-centre network",
+    "sharding_rules": "logical axis -> mesh axes (diffjax.parallel.sharding)",
+    "distributed.coordinator": "multi-host coordinator address (empty: auto-detect or a single host)",
+    "distributed.num_processes": "number of hosts (0: auto-detect)",
+    "distributed.process_id": "this host's index (-1: auto-detect)",
+    "distributed.timeout_s": "seconds to wait for the other hosts",
+    "data.source": "diffjax_corpus, text_files, needles, or any TFDS dataset name (lm1b, c4/en, ...)",
+    "data.mixture": "name=weight,name=weight over sources; overrides source when set",
+    "data.data_dir": "where TFDS datasets are prepared and read",
+    "data.files": "text_files: comma-separated paths or globs of .txt, .md, .jsonl",
+    "data.validation_fraction": "text_files: share of documents held out",
+    "data.text_field": "the feature holding the text, for TFDS datasets",
+    "data.validation_split": "the held-out split's name, for TFDS datasets",
+    "data.tokenizer": "byte, a SentencePiece model, or a Hugging Face tokenizer.json (or its directory)",
+    "data.packing": "concat (concatenate and split) or first_fit (whole documents per row)",
+    "data.shuffle_window": "packed training rows shuffled in windows of this many (0: off)",
+    "data.num_epochs": "passes over the training data (0: repeat forever)",
+    "data.prefetch": "input workers: threads, processes or none",
+    "data.num_workers": "input worker count",
+    "data.needles.context_length": "needles source: bytes of text per document",
+    "data.needles.num_needles": "needles source: needles per document",
+    "data.needles.num_queries": "needles source: questions per document",
+    "data.needles.depth": "needles source: where the needles start, as a fraction of the haystack",
+    "data.needles.num_train": "needles source: training documents",
+    "data.needles.num_validation": "needles source: validation documents",
+    "data.needles.seed": "needles source: generator seed",
+    "model.vocab_size": "token ids the model knows, at least the tokenizer's (byte: 256 bytes + PAD, BOS, EOS = 259)",
+    "model.emb_dim": "model width",
+    "model.num_layers": "decoder layers",
+    "model.num_heads": "differential heads H; the standard baseline uses 2H",
+    "model.num_kv_heads": "key/value heads, in the same units as num_heads (GQA when fewer)",
+    "model.mlp_dim": "SwiGLU hidden width",
+    "model.attention_type": "diff (v1), diff_v2 or standard (the Transformer baseline)",
+    "model.tie_embeddings": "share the embedding with the LM head",
+    "model.subln_affine": "a learned gain on DIFF's per-head RMSNorm (False: the Hugging Face layout)",
+    "model.rope_theta": "RoPE base",
+    "model.rms_norm_eps": "RMSNorm epsilon",
+    "model.lambda_std_dev": "initial spread of DIFF's lambda vectors",
+    "model.init_std": "standard deviation of the weight initialisation",
+    "model.dtype": "activation dtype: float32, bfloat16 or float16",
+    "model.param_dtype": "parameter dtype",
+    "model.remat_policy": "what the backward pass recomputes: none, minimal, save_attention or full",
+    "model.scan_layers": "scan over layers (False unrolls: faster small models on CPU, slower compiles)",
+    "model.attention_impl": "attention core: auto, reference, blockwise or pallas (diffjax.ops.dispatch)",
+    "model.attention_block_q": "query tile, a power of two (0: the core's default: blockwise 128, pallas per chip)",
+    "model.attention_block_k": "key tile, a power of two (0: the core's default: blockwise 128, pallas per chip)",
+}
+
+
+def leaves(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, object]:
+    """Every leaf key of `config`, dotted, with its value."""
+    found = {}
+    for name, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            found |= leaves(value, f"{prefix}{name}.")
+        else:
+            found[prefix + name] = value
+    return found
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+    """Every key of `config` as `key = value  # what it means`, aligned: what `train.py --print_config` prints."""
+    values = {key: repr(tuple(value) if isinstance(value, list) else value) for key, value in leaves(config).items()}
+    width = max(len(f"{key} = {value}") for key, value in values.items() if len(value) <= 40)
+    lines = []
+    for key, value in values.items():
+        setting = f"{key} = {value}"
+        lines.append(f"{setting.ljust(width)}  # {KEY_HELP[key]}" if key in KEY_HELP else setting)
+    return "\n".join(lines)
+
+
+def reference() -> str:
+    """docs/config.md: every key, its default and what it means."""
+    rows = [f"| `{key}` | `{value!r}` | {KEY_HELP[key]} |" for key, value in leaves(base_config()).items()]
+    header = [
+        "# Config keys",
+        "",
+        "Every key of `base_config()` (diffjax/config.py), its default and what it means. Override any with",
+        "`--config.KEY=VALUE`; `python train.py --print_config [--config=...]` prints the resolved config of a run.",
+        "Paper configs change the defaults as `paper_config()` says. Regenerate this file with",
+        "`python -c 'from diffjax.config import reference; print(reference())' > docs/config.md`.",
+        "",
+        "| key | default | meaning |",
+        "|---|---|---|",
+    ]
+    return "\n".join(header + rows)
 
 
 def paper_config(

@@ -84,3 +84,12 @@ def test_train_cli_rejects_bad_input_with_exit_code_2(tmp_path, flag, expected):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("train.py: error:") and expected in lines[0], result.stderr
     assert not workdir.exists()
+
+
+def test_every_key_has_a_meaning_and_docs_config_md_is_current():
+    from diffjax.config import KEY_HELP, base_config, leaves, reference
+
+    assert leaves(base_config()).keys() == KEY_HELP.keys()
+    assert all(KEY_HELP.values())
+    documented = (REPO / "docs" / "config.md").read_text()
+    assert documented == reference() + "\n", "regenerate docs/config.md as its header says"

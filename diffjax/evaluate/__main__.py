@@ -26,7 +26,9 @@ from diffjax.evaluate.tasks.base import EvalOptions, GenerationOptions, HarnessO
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to evaluate.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_TASKS = flags.DEFINE_list("tasks", list(DEFAULT_TASKS), "Tasks to run, comma-separated (harness: see below).")
+_TASKS = flags.DEFINE_list(
+    "tasks", list(DEFAULT_TASKS), "Tasks to run, comma-separated (harness also needs --harness_tasks)."
+)
 _SPLIT = flags.DEFINE_string("split", "validation", "perplexity and outliers: data split.")
 _BATCHES = flags.DEFINE_integer("batches", 0, "perplexity: batches of the split (0: the run's eval_batches).")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "Where the run's data lives, if not where it trained.")

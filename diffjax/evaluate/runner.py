@@ -1,5 +1,7 @@
 """Evaluate one checkpoint: load it, run the chosen tasks, print a table, write `<workdir>/eval/<step>/`."""
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from diffjax.cli import UsageError
@@ -28,7 +30,7 @@ def evaluate(workdir: Path, step: int | None, tasks: list[str], options: EvalOpt
     target = eval_directory(workdir, model.step)
     with staged(target, keep_existing=True) as out:
         context = EvalContext(model, config, tokenizer, options, out, workdir.resolve().name)
-        results = {name: TASKS[name](context) for name in tasks}
+        results = {name: _timed(TASKS[name], context) for name in tasks}
         summary = model_summary(model, config)
         earlier = read_json(out / RESULTS).get("tasks", {})
         figures = {name: result.figures for name, result in results.items()}
@@ -39,6 +41,16 @@ def evaluate(workdir: Path, step: int | None, tasks: list[str], options: EvalOpt
     )
     print(report(results))
     return target
+
+
+def _timed(task: Callable[[EvalContext], TaskResult], context: EvalContext) -> TaskResult:
+    """`task(context)` with its wall time (compilation included) in its figures and its printed rows."""
+    started = time.perf_counter()
+    result = task(context)
+    seconds = time.perf_counter() - started
+    result.figures["seconds"] = seconds
+    result.summary["seconds"] = f"{seconds:.1f}"
+    return result
 
 
 def report(results: dict[str, TaskResult]) -> str:

@@ -50,12 +50,29 @@ class Block(nnx.Module):
         return self._add_mlp(x + attended), cache
 
     def probe(
-        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, layer: LayerConstants
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array | None,
+        layer: LayerConstants,
+        rows: jax.Array | None = None,
     ) -> tuple[jax.Array, AttentionMaps]:
-        """`__call__`, and the attention maps it applied."""
+        """`__call__`, and the attention maps it applied: every query's, or only those of query positions
+        `rows` `[B, R]` (maps `[B, heads, R, T]`, without the `T x T` ones)."""
         normed = self.attn_norm(x)
         qkv = self.attn.project(normed, positions)
-        maps = self.attn.maps(normed, qkv, layer, causal_mask(segment_ids, x.shape[1]))
+        mask = causal_mask(segment_ids, x.shape[1])
+        if rows is None:
+            maps = self.attn.maps(normed, qkv, layer, mask)
+        else:
+            q, k, v = qkv
+            mask = jnp.broadcast_to(mask, (x.shape[0], *mask.shape[1:]))
+            maps = self.attn.maps(
+                jnp.take_along_axis(normed, rows[:, :, None], axis=1),
+                (jnp.take_along_axis(q, rows[:, :, None, None], axis=1), k, v),
+                layer,
+                jnp.take_along_axis(mask, rows[:, None, None, :, None], axis=3),
+            )
         return self._add_mlp(x + self.attn.attend(normed, qkv, layer, self.attn.core, segment_ids)), maps
 
 
@@ -122,17 +139,20 @@ class DiffTransformer(nnx.Module):
         reduce: Callable[[jax.Array, AttentionMaps], Any],
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
+        rows: jax.Array | None = None,
     ) -> Any:
         """`reduce(hidden, maps)` of every layer, stacked on a leading layer axis: what evaluation measures.
 
         `hidden` `[B, T, E]` is the layer's output (the residual stream) and `maps` its attention, dense
         and in float32; `reduce` runs inside the layer scan, so only what it keeps outlives the layer.
+        With `rows` `[B, R]` the maps are only those query positions' rows (`[B, heads, R, T]`): a cost of
+        R x T per layer instead of T x T.
         """
         positions = _default_positions(tokens, positions)
 
         @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), transform_metadata=LAYER_AXIS)
         def run_layers(x: jax.Array, block: Block, layer: LayerConstants) -> tuple[jax.Array, Any]:
-            x, maps = block.probe(x, positions, segment_ids, layer)
+            x, maps = block.probe(x, positions, segment_ids, layer, rows)
             return x, reduce(x, maps)
 
         return run_layers(self.embed(tokens), self.blocks, self.layer_constants())[1]

@@ -1,6 +1,7 @@
 """The training run: build everything from a validated config, resume or start, train, evaluate, sample."""
 
 import dataclasses
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from diffjax.evaluate.generate import encode_prompt, generate
 from diffjax.parallel.mesh import initialize_distributed, make_mesh
 from diffjax.train.checkpoint import RunCheckpoints, find_checkpoint, restore_params, run_metadata
 from diffjax.train.flops import peak_tflops, training_flops_per_token
-from diffjax.train.metrics import MetricsWriter, ProgressLog
+from diffjax.train.metrics import MetricsWriter, ProgressLog, duration, say
 from diffjax.train.optimizer import learning_rate_schedule, warmup_note
 from diffjax.train.preemption import StopRequest
 from diffjax.train.state import Trainer, create_state, global_batch, make_trainer, state_from_params
@@ -52,6 +53,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, float]:
     The result has `last_eval_loss` (absent when a stop signal ended the run early) and, for a run
     that started at step 0, `first_eval_loss`.
     """
+    started = time.perf_counter()
     validate(config)
     initialize_distributed(**config.distributed)
     if config.compilation_cache_dir:
@@ -64,7 +66,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, float]:
     init_from = find_checkpoint(config.init_from, trainer.abstract_state.params) if config.init_from else None
     workdir = Path(config.workdir)
     main_process = jax.process_index() == 0
-    log = print if main_process else (lambda *_: None)
+    log = say if main_process else (lambda *_: None)
 
     train_batches = iter(make_dataset(config, tokenizer, "train"))
     checkpoints = None
@@ -88,7 +90,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, float]:
         )
         if note := warmup_note(config):
             log(note)
-        session = _Session.start(config, trainer, checkpoints, validation, workdir, log, int(state.step))
+        session = _Session.start(config, trainer, checkpoints, validation, workdir, log, int(state.step), started)
         return session.run(state, train_batches, tokenizer)
     finally:
         if checkpoints is not None:
@@ -108,16 +110,19 @@ class _Session:
     progress: ProgressLog
     log: Callable[..., None]
     start_step: int
+    started: float  # perf_counter() when the command began
 
     @classmethod
-    def start(cls, config, trainer, checkpoints, validation, workdir: Path, log, start_step: int) -> "_Session":
+    def start(
+        cls, config, trainer, checkpoints, validation, workdir: Path, log, start_step: int, started: float
+    ) -> "_Session":
         writer = MetricsWriter(workdir, resume_step=start_step or None)
         tokens_per_step = config.batch_size * config.seq_len
         flops_per_step = training_flops_per_token(model_config(config), config.seq_len) * tokens_per_step
         peak = peak_tflops(jax.devices()[0], config.cpu_peak_tflops)
         schedule = learning_rate_schedule(config)
-        progress = ProgressLog(config, tokens_per_step, flops_per_step, peak, schedule, writer)
-        return cls(config, trainer, checkpoints, validation, writer, progress, log, start_step)
+        progress = ProgressLog(config, tokens_per_step, flops_per_step, peak, schedule, writer, start_step)
+        return cls(config, trainer, checkpoints, validation, writer, progress, log, start_step, started)
 
     def evaluate(self, step: int, params) -> float:
         loss = evaluate(self.trainer, params, self.validation)
@@ -135,22 +140,37 @@ class _Session:
                 state, stopped = self.train(state, train_batches, stop)
         finally:
             self.progress.close()
-            self.writer.close()
-        if stopped is not None:
+        try:
+            if stopped is not None:
+                self.checkpoints.wait()
+                self.log(f"saved step {stopped} to {self.checkpoints.step_directory(stopped)}; run again to resume")
+                self.summarize(stopped)
+                return result
+            result["last_eval_loss"] = self.evaluate(max(config.total_steps, self.start_step), state.params)
+            if config.sample_tokens and jax.process_count() == 1:
+                prompt = encode_prompt(tokenizer, config.sample_prompt)
+                generated = generate(self.trainer.options.graphdef, state.params, prompt, config.sample_tokens)
+                self.log(f"sample: {config.sample_prompt + tokenizer.decode(generated.tokens)!r}")
             self.checkpoints.wait()
-            self.log(f"saved step {stopped} to {self.checkpoints.step_directory(stopped)}; run again to resume")
+            self.summarize(max(config.total_steps, self.start_step))
             return result
-        result["last_eval_loss"] = self.evaluate(max(config.total_steps, self.start_step), state.params)
-        if "first_eval_loss" in result:
-            self.log(
-                f"validation loss {result['first_eval_loss']:.4f} at step 0 -> "
-                f"{result['last_eval_loss']:.4f} at step {config.total_steps}"
-            )
-        if config.sample_tokens and jax.process_count() == 1:
-            prompt = encode_prompt(tokenizer, config.sample_prompt)
-            generated = generate(self.trainer.options.graphdef, state.params, prompt, config.sample_tokens).tokens
-            self.log(f"sample: {config.sample_prompt + tokenizer.decode(generated)!r}")
-        return result
+        finally:
+            self.writer.close()
+
+    def summarize(self, step: int) -> None:
+        """The closing lines: losses first -> last over the whole run (resumes included), wall time and
+        tokens/s of this invocation, and where the checkpoint and the metrics are."""
+        workdir = Path(self.config.workdir)
+        lines = [f"done at step {step} of {self.config.total_steps}: {duration(time.perf_counter() - self.started)}"]
+        if self.progress.tokens_per_s:
+            lines[0] += f" for {self.progress.trained_steps} steps, {self.progress.tokens_per_s:,.0f} tokens/s"
+        for name, key, what in [("eval", "eval_loss", "validation"), ("metrics", "loss", "training")]:
+            if ends := self.writer.ends(name, key):
+                (first_step, first), (last_step, last) = ends
+                lines.append(f"{what} loss {first:.4f} at step {first_step} -> {last:.4f} at step {last_step}")
+        lines.append(f"checkpoint: {self.checkpoints.step_directory(step)}")
+        lines.append(f"metrics: {workdir / 'metrics.jsonl'}, {workdir / 'eval.jsonl'}, {workdir / 'tensorboard'}")
+        self.log("\n".join(lines))
 
     def train(self, state: TrainState, train_batches: Iterator, stop: StopRequest) -> tuple[TrainState, int | None]:
         """Steps after `start_step` up to `total_steps`; returns the state and the step a signal stopped at.

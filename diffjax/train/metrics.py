@@ -1,6 +1,9 @@
-"""Where metrics go: JSON lines for scripts, TensorBoard event files and a progress bar for people."""
+"""Where metrics go: JSON lines for scripts, TensorBoard event files, and for people a progress bar in a
+terminal or a plain line per `log_every_steps` in a log file (a pipe, `nohup`, a TPU worker's log)."""
 
 import json
+import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +47,37 @@ class MetricsWriter:
         if self.enabled:
             self.tensorboard.close()
 
+    def ends(self, name: str, key: str) -> tuple[tuple[int, float], tuple[int, float]] | None:
+        """(step, value) of the first and the last record of `name` holding `key` (the whole run, resumes
+        included); None when there is none."""
+        path = self.workdir / f"{name}.jsonl" if self.enabled else None
+        if path is None or not path.is_file():
+            return None
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        points = [(r["step"], r[key]) for r in records if key in r]
+        return (points[0], points[-1]) if points else None
+
+
+def _terminal_width() -> int:
+    """Columns of the terminal stderr is; 0 for a file, a pipe, or a terminal of unknown size."""
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns if sys.stderr.isatty() else 0
+    except (OSError, ValueError):
+        return 0
+
+
+def say(message: str) -> None:
+    """Print a line above the progress bar (never glued to it), at once even into a file or a pipe."""
+    tqdm.write(message, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def duration(seconds: float) -> str:
+    """`1h 02m`, `2m 31s` or `12.3s`."""
+    if seconds >= 3600:
+        return f"{int(seconds // 3600)}h {int(seconds % 3600 // 60):02d}m"
+    return f"{int(seconds // 60)}m {int(seconds % 60):02d}s" if seconds >= 60 else f"{seconds:.1f}s"
+
 
 class ProgressLog:
     """Train metrics every `log_every` steps: the step's own values plus throughput over the interval.
@@ -60,12 +94,17 @@ class ProgressLog:
         peak_tflops: float | None,
         learning_rate: Callable[[int], float],
         writer: MetricsWriter,
+        start_step: int = 0,
     ):
         self.total, self.log_every = config.total_steps, config.log_every_steps
         self.tokens_per_step, self.flops_per_step, self.peak = tokens_per_step, flops_per_step, peak_tflops
         self.learning_rate, self.writer = learning_rate, writer
-        self.bar = tqdm(total=self.total, unit="step", disable=not writer.enabled, dynamic_ncols=True)
-        self.restart_clock(0)
+        self.interactive = writer.enabled and _terminal_width() > 0  # else plain lines, which a log file keeps
+        self.bar = tqdm(
+            total=self.total, initial=start_step, unit="step", disable=not self.interactive, dynamic_ncols=True
+        )
+        self.trained_steps, self.trained_seconds = 0, 0.0  # this invocation's, evaluations left out
+        self.restart_clock(start_step)
 
     def restart_clock(self, step: int) -> None:
         """Begin a throughput interval (after an evaluation, say, which is not training time)."""
@@ -77,6 +116,8 @@ class ProgressLog:
             return
         values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
         now = time.perf_counter()
+        self.trained_steps += step - self.clock[1]
+        self.trained_seconds += now - self.clock[0]
         seconds = (now - self.clock[0]) / max(step - self.clock[1], 1)
         devices = jax.device_count()
         values.update(
@@ -90,7 +131,18 @@ class ProgressLog:
             values["mfu"] = values["tflops_per_device"] / self.peak
         self.clock = (now, step)
         self.writer.write("metrics", step, values)
-        self.bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_s']:.0f}")
+        if self.interactive:
+            self.bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_s']:.0f}")
+        elif self.writer.enabled:
+            say(
+                f"step {step}/{self.total}: loss {values['loss']:.4f}, {values['tokens_per_s']:,.0f} tokens/s, "
+                f"{seconds:.3f} s/step, learning rate {values['learning_rate']:.3g}"
+            )
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Training throughput of this invocation (compilation and evaluations left out)."""
+        return self.trained_steps * self.tokens_per_step / self.trained_seconds if self.trained_seconds else None
 
     def close(self) -> None:
         self.bar.close()

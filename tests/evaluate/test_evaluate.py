@@ -21,7 +21,7 @@ from diffjax.evaluate.results import RESULTS
 from diffjax.evaluate.runner import evaluate
 from diffjax.evaluate.tasks import DEFAULT, TASKS, attention, lambdas, outliers, select
 from diffjax.evaluate.tasks.base import EvalContext, EvalOptions, GenerationOptions, NeedleGrid
-from diffjax.evaluate.tasks.needles import NeedleItem, check_grid, encode_document, score_queries
+from diffjax.evaluate.tasks.needles import NeedleItem, check_grid, encode_document, needle_items, score_queries
 from diffjax.train.step import loss_sums
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -308,3 +308,37 @@ def test_outliers_measure_the_models_own_activations(diff_run, data_dir):
             top, counts = (np.asarray(x[layer]) for x in stats[kind])
             np.testing.assert_allclose(top, expected[:100], rtol=1e-6)
             assert counts.sum() == expected.size
+
+
+def test_shares_outside_zero_and_one_are_explained_where_they_are_printed(diff_run, tmp_path, monkeypatch):
+    """DIFF's rows are divided by 1 - lambda; where lambda A2 outweighs A1 a share leaves [0, 1]."""
+    monkeypatch.setattr(attention, "_shares", lambda context, items: (np.full((8, 2), -0.05), np.full((8, 2), 1.076)))
+    model, config = load_model(diff_run)
+    result = attention.run(EvalContext(model, config, ByteTokenizer(), OPTIONS, tmp_path, "run"))
+    assert result.summary["noise share"] == "1.076 (above 1: see the note below)"
+    assert result.summary["answer share"] == "-0.050 (below 0: see the note below)"
+    assert result.tables[0].endswith(attention.SHARE_NOTE)
+
+
+def test_the_map_figure_keeps_a1_visible_and_its_colour_bar_beside_the_maps(diff_run, tmp_path):
+    model, config = load_model(diff_run)
+    context = EvalContext(model, config, ByteTokenizer(), OPTIONS, tmp_path, "run")
+    figure = attention.map_figure(context, needle_items(GRID, ByteTokenizer(), 2), 1, 0)
+    figure.canvas.draw()
+    *maps, row = figure.axes
+    lines = {line.get_label(): line for line in row.get_lines()}
+    a1, effective = lines["A1"], lines["A1 - lambda A2 (effective)"]
+    assert a1.get_linewidth() > 2 * effective.get_linewidth() and a1.get_zorder() < effective.get_zorder()
+    assert effective.get_linestyle() == "--"
+    colour_bar = maps[-1].child_axes[0].get_position()
+    assert 0 <= colour_bar.x0 - maps[-1].get_position().x1 < 0.03  # figure widths
+
+
+def test_a_model_that_retrieves_nothing_is_told_in_words(diff_run, tmp_path, monkeypatch):
+    from diffjax.evaluate.tasks import needles
+
+    monkeypatch.setattr(needles, "_score", lambda context, items: [[False] * item.counts[1] for item in items])
+    model, config = load_model(diff_run)
+    result = needles.run(EvalContext(model, config, ByteTokenizer(), OPTIONS, tmp_path, "run"))
+    assert result.summary["accuracy (all)"] == f"0.000 (12 queries): {needles.NOTHING_RETRIEVED}"  # 4 x 1 + 4 x 2
+    assert_png(tmp_path / result.figures["figure"])

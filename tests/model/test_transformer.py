@@ -169,3 +169,24 @@ def test_probe_sees_the_forward_pass(tiny_model_config, attention_type):
     half = args[0].shape[1] // 2
     assert effective.shape[:2] == (cfg.num_layers, 2) and not np.asarray(effective[..., half:, :half]).any()
     assert np.asarray(effective[..., half:, half:]).any()
+
+
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+def test_probe_rows_are_the_full_maps_rows(tiny_model_config, attention_type):
+    """`rows` computes only some queries' rows (R x T, not T x T per layer); they are the dense maps' rows,
+    per batch row, logits and masks too."""
+    cfg = dataclasses.replace(tiny_model_config, attention_type=attention_type)
+    model = DiffTransformer(cfg, rngs=nnx.Rngs(0))
+    batch = _batch(cfg.vocab_size)
+    args = (batch["inputs"], batch["positions"], batch["segment_ids"])
+    rows = np.asarray([[3, 0, 9], [11, 5, 5]], np.int32)
+
+    def kept(x, maps):
+        return maps.effective, maps.logits, maps.mask
+
+    full = model.probe(args[0], kept, *args[1:])
+    picked = model.probe(args[0], kept, *args[1:], rows=rows)
+    for whole, part in zip(full, picked, strict=True):
+        whole = np.broadcast_to(whole, (whole.shape[0], 2, *whole.shape[2:]))
+        expected = np.take_along_axis(whole, rows[None, :, None, :, None], axis=3)
+        np.testing.assert_allclose(part, expected, rtol=1e-6, atol=1e-6)

@@ -19,9 +19,9 @@ within a boundary merge for SentencePiece.
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from diffjax.cli import UsageError
@@ -33,8 +33,16 @@ from diffjax.evaluate.tasks.needles import SEED_OFFSET, NeedleItem, needle_items
 from diffjax.model.attention import AttentionMaps
 
 SHARES_FIGURE = "attention_shares.png"
+ROW_STYLES = {
+    "A1": {"linewidth": 3.0, "alpha": 0.45, "zorder": 1},
+    "A1 - lambda A2 (effective)": {"color": "k", "linestyle": "--", "zorder": 3},
+}
 MAP_FIGURE = "attention_map.png"
 OTHER, ANSWER, NOISE = 0, 1, 2  # key regions of a query row
+SHARE_NOTE = (
+    "shares are fractions of the row's sum (1 - lambda for DIFF). A share below 0 means lambda A2 outweighs A1 on\n"
+    "those keys (the subtraction cancels past zero); a share above 1 means the other keys sum below 0 that way."
+)
 
 
 def key_regions(tokenizer: Tokenizer, item: NeedleItem) -> np.ndarray:
@@ -72,9 +80,9 @@ def query_rows(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, que
 
     def reduce(hidden: jax.Array, maps: AttentionMaps) -> jax.Array:
         del hidden
-        return jnp.take_along_axis(maps.effective, queries[:, None, :, None], axis=2)
+        return maps.effective
 
-    return nnx.merge(graphdef, params).probe(tokens, reduce)
+    return nnx.merge(graphdef, params).probe(tokens, reduce, rows=queries)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -115,11 +123,15 @@ def run(context: EvalContext) -> TaskResult:
         "noise_by_layer": noise.mean(axis=0).tolist(),
         "by_depth": by_depth,
         "figure": _plot_shares(context, answer, noise, depths),
-        "map_figure": _plot_map(context, items, layer % cfg.num_layers, head),
+        "map_figure": plots.save(map_figure(context, items, layer % cfg.num_layers, head), context.out / MAP_FIGURE),
     }
     summary = {"answer share": f"{figures['answer']:.3f}", "noise share": f"{figures['noise']:.3f}"}
+    for name in ("answer", "noise"):
+        if not 0 <= figures[name] <= 1:
+            summary[f"{name} share"] += f" ({'above 1' if figures[name] > 1 else 'below 0'}: see the note below)"
     rows = [f"{float(depth):>5.0%}  {v['answer']:>6.3f}  {v['noise']:>6.3f}" for depth, v in by_depth.items()]
-    table = "\n".join(["attention of the answer's query (mean over layers)", "depth  answer   noise", *rows])
+    header = ["attention of the answer's query (mean over layers)", "depth  answer   noise"]
+    table = "\n".join([*header, *rows, *([SHARE_NOTE] if cfg.attention_type != "standard" else [])])
     return TaskResult(figures, summary, (table,))
 
 
@@ -165,7 +177,7 @@ def _plot_shares(context: EvalContext, answer: np.ndarray, noise: np.ndarray, de
     return plots.save(figure, context.out / SHARES_FIGURE)
 
 
-def _plot_map(context: EvalContext, items: list[NeedleItem], layer: int, head: int) -> str:
+def map_figure(context: EvalContext, items: list[NeedleItem], layer: int, head: int) -> Figure:
     """One document's maps for the chosen layer and head, and its first question's query row below them:
     the shortest context, the depth nearest the middle."""
     shortest = [item for item in items if item.length == items[0].length]
@@ -191,10 +203,12 @@ def _plot_map(context: EvalContext, items: list[NeedleItem], layer: int, head: i
         axes.set_title(name)
         axes.set_xlabel("key position (token)")
         axes.set_ylabel("query position (token)")
-    figure.colorbar(image, ax=maps, label="attention weight", shrink=0.8)
+    colorbar_axes = maps[-1].inset_axes((1.04, 0.0, 0.05, 1.0))  # beside the maps, not the figure's edge
+    figure.colorbar(image, cax=colorbar_axes, label="attention weight")
     row = figure.add_subplot(grid[1, :])
-    for name, values in panels:
-        row.plot(values[query, : query + 1], linewidth=1.0, label=name)
+    for name, values in panels:  # A1 wide and pale under the others, the effective row dashed on top
+        style = ROW_STYLES.get(name, {})
+        row.plot(values[query, : query + 1], label=name, **{"linewidth": 1.0, **style})
     answer = np.flatnonzero(regions == ANSWER)
     row.axvspan(answer[0] - 0.5, answer[-1] + 0.5, color="C2", alpha=0.3, label="answer span", zorder=0)
     if (haystack := np.flatnonzero(regions == NOISE)).size:
@@ -206,4 +220,4 @@ def _plot_map(context: EvalContext, items: list[NeedleItem], layer: int, head: i
     row.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     what = f"Attention maps, layer {layer}, head {head}, needle depth {item.depth:.0%}"
     figure.suptitle(context.title(what))
-    return plots.save(figure, context.out / MAP_FIGURE)
+    return figure

@@ -30,6 +30,7 @@ from diffjax.evaluate.tasks.base import EvalContext, NeedleGrid, TaskResult
 
 FIGURE = "needles_heatmap.png"
 SEED_OFFSET = 2
+NOTHING_RETRIEVED = "the model retrieved no needle (no query of any cell was answered)"
 
 
 def check_grid(grid: NeedleGrid) -> None:
@@ -177,6 +178,8 @@ def run(context: EvalContext) -> TaskResult:
     }
     summary = {f"accuracy {label}": f"{value:.3f}" for label, value in by_counts.items()}
     summary["accuracy (all)"] = f"{figures['accuracy']:.3f} ({len(all_hits)} queries)"
+    if not any(all_hits):
+        summary["accuracy (all)"] += f": {NOTHING_RETRIEVED}"
     return TaskResult(figures, summary, tuple(_table(cells, grid, counts) for counts in grid.counts))
 
 
@@ -208,7 +211,15 @@ def _table(cells: list[dict], grid: NeedleGrid, counts: tuple[int, int]) -> str:
 
 
 def _plot(context: EvalContext, cells: list[dict]) -> str:
+    """Accuracy heatmaps, one panel per (N, R); a sentence instead when nothing was retrieved at all."""
     grid = context.options.needles
+    if not any(cell["accuracy"] for cell in cells):
+        figure = plots.new_figure(7.0, 2.4)
+        queries = sum(cell["queries"] for cell in cells)
+        message = f"{NOTHING_RETRIEVED[0].upper()}{NOTHING_RETRIEVED[1:]}:\naccuracy 0 in all {len(cells)} cells"
+        figure.text(0.5, 0.45, f"{message} ({queries} queries).", ha="center", va="center", fontsize=12)
+        figure.suptitle(context.title("Multi-needle retrieval accuracy"))
+        return plots.save(figure, context.out / FIGURE)
     figure = plots.new_figure(width=2.6 * len(grid.counts) + 1.6, height=0.45 * len(grid.depths) + 2.4)
     panels = figure.subplots(1, len(grid.counts), squeeze=False, sharey=True)[0]
     for axes, counts in zip(panels, grid.counts, strict=True):
