@@ -74,6 +74,7 @@ def export_tokenizer(directory: Path, tokenizer: Tokenizer, max_length: int) -> 
         **{f"{role}_token": name for role, name in names.items()},
         "add_bos_token": True,
         "add_eos_token": False,
+        "split_special_tokens": True,  # "<|eos|>" in a text is text, as diffjax encodes it
         "model_max_length": max_length,
     }
     if isinstance(tokenizer, SentencePieceTokenizer):

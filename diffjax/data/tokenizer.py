@@ -134,13 +134,15 @@ class HuggingFaceTokenizer:
     BOS and EOS must exist: they come from `tokenizer_config.json` beside the file (`bos_token`,
     `eos_token`, `pad_token`, as transformers writes them) or else from the usual names (`<|begin_of_text|>`,
     `<s>`, `<|endoftext|>`, ...). PAD falls back to EOS: padded positions never reach the loss. Encoding
-    adds no special tokens (the pipeline adds BOS and EOS itself).
+    adds no special tokens (the pipeline adds BOS and EOS itself), and reads a special token's spelling in
+    the text as text, as the byte tokenizer and SentencePiece do.
     """
 
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
         self.path = path / HF_FILE if path.is_dir() else path
         self.tokenizer = _read_tokenizer_json(self.path)
+        self.tokenizer.encode_special_tokens = True  # "<|eos|>" in a document is text, never an EOS id
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         named = _configured_special_tokens(self.path.parent / HF_CONFIG)
         ids = {role: self._special_id(role, named.get(role)) for role in ("bos", "eos", "pad")}
@@ -152,6 +154,11 @@ class HuggingFaceTokenizer:
                 )
         self.bos_id, self.eos_id = ids["bos"], ids["eos"]
         self.pad_id = self.eos_id if ids["pad"] is None else ids["pad"]
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickled (grain's worker processes): the library's pickle drops `encode_special_tokens`."""
+        self.__dict__.update(state)
+        self.tokenizer.encode_special_tokens = True
 
     def _special_id(self, role: str, configured: str | None) -> int | None:
         """The id of the token `tokenizer_config.json` names for `role`, else of the first usual name present."""

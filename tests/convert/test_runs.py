@@ -67,7 +67,8 @@ def test_the_hf_export_is_complete_its_tokenizer_has_diffjax_ids_and_greedy_text
     workdir, hf = run
     assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {p.name for p in hf.iterdir()}
     tokenizer = transformers.AutoTokenizer.from_pretrained(hf)
-    assert tokenizer.encode(MIXED_TEXT, add_special_tokens=False) == ByteTokenizer().encode(MIXED_TEXT).tolist()
+    for text in (MIXED_TEXT, "<|eos|> is text"):
+        assert tokenizer.encode(text, add_special_tokens=False) == ByteTokenizer().encode(text).tolist()
     assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
 
     prompt, num_tokens = "The ", 12
@@ -96,6 +97,8 @@ def test_trained_tokenizers_export_as_themselves_and_import_back(tmp_path, kind)
     assert theirs.encode(MIXED_TEXT, add_special_tokens=False) == ours.encode(MIXED_TEXT).tolist()
     assert (theirs.pad_token_id, theirs.bos_token_id, theirs.eos_token_id) == (ours.pad_id, ours.bos_id, ours.eos_id)
     assert theirs(MIXED_TEXT).input_ids == [ours.bos_id, *ours.encode(MIXED_TEXT).tolist()]
+    spelled = f"a {theirs.eos_token} b"  # a special token's spelling is text to both
+    assert theirs.encode(spelled, add_special_tokens=False) == ours.encode(spelled).tolist()
     assert json.loads((hf / "config.json").read_text())["vocab_size"] == 640
 
     imported = load_config(import_run(hf, tmp_path / "imported") / "config.py")

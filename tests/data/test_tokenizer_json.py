@@ -68,6 +68,14 @@ def test_a_trained_bpe_round_trips_any_text(bpe, text):
     assert bpe.decode(bpe.encode(text)) == text
 
 
+@pytest.mark.parametrize("text", ["<|pad|>", "a <|eos|> b<|bos|>"])
+def test_a_special_tokens_spelling_in_text_is_text_not_its_id(bpe, text):
+    for tokenizer in (bpe, pickle.loads(pickle.dumps(bpe))):
+        ids = tokenizer.encode(text)
+        assert not {tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id} & set(ids.tolist())
+        assert tokenizer.decode(ids) == text
+
+
 def test_a_trained_bpe_compresses_held_out_text_pickles_and_drops_special_ids(bpe):
     assert bytes_per_token(bpe, python_docs("validation")) > 2.5  # the byte tokenizer's is 1.0
     clone = pickle.loads(pickle.dumps(bpe))
