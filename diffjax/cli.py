@@ -27,14 +27,15 @@ def fail(program: str, error: BaseException | str) -> None:
     sys.exit(2)
 
 
-def _config_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-    """Every dotted key of `config`, nested ones and the dicts holding them alike."""
-    keys = []
-    for name, value in config.items():
-        keys.append(prefix + name)
-        if isinstance(value, ml_collections.ConfigDict):
-            keys += _config_keys(value, f"{prefix}{name}.")
-    return keys
+def _config_keys(config: ml_collections.ConfigDict) -> list[str]:
+    """Every dotted key of `config`, nested ones and the dicts holding them alike, sorted."""
+    from diffjax.config import leaves  # config.py imports this module
+
+    keys = set()
+    for key in leaves(config):
+        parts = key.split(".")
+        keys |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+    return sorted(keys)
 
 
 def unknown_key_message(argv: list[str], default_config: Path | None) -> str | None:

@@ -6,7 +6,6 @@ tasks twice: `cold` includes compiling its programs, `warm` is what every later 
 Imported only by `python -m diffjax.bench harness` (the `eval` and `hf` extras).
 """
 
-import contextlib
 import os
 import tempfile
 import time
@@ -53,8 +52,8 @@ def benchmark_harness(workdir: Path, hf: Path | None, count: int, batch_size: in
     from diffjax.evaluate.load import load_model
     from diffjax.evaluate.local_tasks import write_tasks
 
-    with contextlib.ExitStack() as stack:
-        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+    with tempfile.TemporaryDirectory() as directory:
+        scratch = Path(directory)
         tasks = write_tasks(scratch / "tasks", count)
         manager = task_manager(str(scratch / "tasks"))
         hf = hf or export_run(workdir, scratch / "hf", "hf")

@@ -1,6 +1,5 @@
 """Several runs side by side: a table, overlaid loss curves and needle accuracy bars (DIFF vs Transformer)."""
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -9,18 +8,10 @@ import numpy as np
 from diffjax.cli import UsageError
 from diffjax.evaluate import plots
 from diffjax.evaluate.results import format_table, latest_results, staged, write_json
+from diffjax.train.metrics import read_curve
 
 CURVES = "loss_curves.png"
 BARS = "needle_accuracy.png"
-
-
-def read_curve(path: Path, key: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of `key` in a metrics JSON-lines file; empty when the file is absent."""
-    if not path.is_file():
-        return [], []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    points = [(r["step"], r[key]) for r in records if key in r]
-    return [s for s, _ in points], [v for _, v in points]
 
 
 def _run_names(runs: list[Path]) -> list[str]:

@@ -50,12 +50,17 @@ class MetricsWriter:
     def ends(self, name: str, key: str) -> tuple[tuple[int, float], tuple[int, float]] | None:
         """(step, value) of the first and the last record of `name` holding `key` (the whole run, resumes
         included); None when there is none."""
-        path = self.workdir / f"{name}.jsonl" if self.enabled else None
-        if path is None or not path.is_file():
-            return None
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        points = [(r["step"], r[key]) for r in records if key in r]
-        return (points[0], points[-1]) if points else None
+        steps, values = read_curve(self.workdir / f"{name}.jsonl", key) if self.enabled else ([], [])
+        return ((steps[0], values[0]), (steps[-1], values[-1])) if steps else None
+
+
+def read_curve(path: Path, key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of `key` in a metrics JSON-lines file; empty when the file is absent."""
+    if not path.is_file():
+        return [], []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    points = [(r["step"], r[key]) for r in records if key in r]
+    return [s for s, _ in points], [v for _, v in points]
 
 
 def _terminal_width() -> int:
