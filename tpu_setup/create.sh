@@ -12,7 +12,7 @@ child_options
 
 create() {
   local common=("$TPU_NAME" "${LOCATION[@]}" --accelerator-type="$ACCELERATOR_TYPE")
-  common+=(--scopes=https://www.googleapis.com/auth/cloud-platform) # gcsfuse writes; IAM decides the rest
+  common+=(--scopes=https://www.googleapis.com/auth/cloud-platform) # the bucket is written; IAM decides the rest
   case $CAPACITY in
     spot) common+=(--spot) ;;
     reserved) common+=(--reserved) ;;

@@ -22,11 +22,12 @@ CONFIG=configs/paper_830m.py        # what train.py trains (--config=...)
 # TRAIN_ARGS=()                     # more train.py flags, e.g. (--config.total_steps=20000 "--config.mesh.shape=(1,-1,4)")
 # PYTHON=python3.11                 # interpreter for the workers' venv (installed with apt when missing)
 # REMOTE_DIR=diffjax                # the code's directory on each worker, under the home directory
-# USE_GCSFUSE=true                  # mount the bucket on every worker; false: workdir on the worker's disk
-# MOUNT_DIR=/mnt/gcs                # where the bucket is mounted
+# USE_GCSFUSE=false                 # true: also mount the bucket on every worker (gcsfuse), paths through it
+# MOUNT_DIR=/mnt/gcs                # where the bucket is mounted (USE_GCSFUSE=true)
 # GCSFUSE_FLAGS=(--implicit-dirs --rename-dir-limit=200000 --metadata-cache-ttl-secs=0)
-# WORKDIR=$MOUNT_DIR/runs/$RUN_ID   # train.py's --config.workdir on the workers
-# DATA_DIR=$MOUNT_DIR/tensorflow_datasets  # --config.data.data_dir: datasets prepared once, read by every run
+# WORKDIR=gs://$BUCKET/runs/$RUN_ID # train.py's --config.workdir ($MOUNT_DIR/runs/$RUN_ID with gcsfuse)
+# DATA_DIR=gs://$BUCKET/tensorflow_datasets  # --config.data.data_dir: datasets prepared once, read by every
+#                                   # run ($MOUNT_DIR/tensorflow_datasets with gcsfuse)
 # CREATE_RETRIES=10                 # create attempts before giving up (no capacity, a failed request)
 # RETRY_DELAY_S=120                 # pause between attempts
 # POLL_S=30                         # how often to look at a slice that is being created

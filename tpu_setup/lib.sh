@@ -110,8 +110,9 @@ load_env() {
   SERVICE_ACCOUNT=${SERVICE_ACCOUNT:-}
   PYTHON=${PYTHON:-python3.11}
   REMOTE_DIR=${REMOTE_DIR:-diffjax}
-  USE_GCSFUSE=${USE_GCSFUSE:-true}
+  USE_GCSFUSE=${USE_GCSFUSE:-false}
   MOUNT_DIR=${MOUNT_DIR:-/mnt/gcs}
+  MOUNT_DIR=${MOUNT_DIR%/}
   CREATE_RETRIES=${CREATE_RETRIES:-10}
   RETRY_DELAY_S=${RETRY_DELAY_S:-120}
   POLL_S=${POLL_S:-30}
@@ -135,14 +136,25 @@ load_env() {
   for var in NUM_SLICES CREATE_RETRIES RETRY_DELAY_S POLL_S BABYSIT_INTERVAL_S STOP_TIMEOUT_S; do
     positive "$var"
   done
-  if $USE_GCSFUSE; then
+  if $USE_GCSFUSE; then # the bucket mounted on every worker (setup.sh), paths through the mount
     WORKDIR=${WORKDIR:-$MOUNT_DIR/runs/$RUN_ID}
     DATA_DIR=${DATA_DIR:-$MOUNT_DIR/tensorflow_datasets}
-  else
-    WORKDIR=${WORKDIR:-runs/$RUN_ID} # on the worker's disk: lost when the slice is re-created
-    DATA_DIR=${DATA_DIR:-}
+  else # train.py reads and writes gs:// itself
+    WORKDIR=${WORKDIR:-gs://$BUCKET/runs/$RUN_ID}
+    DATA_DIR=${DATA_DIR:-gs://$BUCKET/tensorflow_datasets}
   fi
   LOCATION=(--project="$PROJECT" --zone="$ZONE")
+}
+
+# The gs:// URL of a path as the workers see it: the path itself when it is a gs:// URL, its place in the
+# bucket when it is under the gcsfuse mount (USE_GCSFUSE=true); nothing for a path on a worker's own disk.
+bucket_url() {
+  local path=${1%/}
+  if [[ $path == gs://* ]]; then
+    echo "$path"
+  elif $USE_GCSFUSE && [[ $path == "$MOUNT_DIR"/* ]]; then
+    echo "gs://$BUCKET/${path#"$MOUNT_DIR"/}"
+  fi
 }
 
 # Multislice exists only as a queued resource.

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make every worker ready to train: sync the code (sync.sh), then on all workers at once install the venv
-# with the pinned diffjax[tpu] and mount the bucket with gcsfuse (tpu_setup/worker/setup.sh). Idempotent.
+# with the pinned diffjax[tpu,gcs] and, with USE_GCSFUSE=true, mount the bucket with gcsfuse
+# (tpu_setup/worker/setup.sh). Idempotent.
 #
 #   tpu_setup/setup.sh [--env FILE] [--dry-run]
 set -euo pipefail

@@ -8,6 +8,8 @@
         [--variants=fused,two_flash,four_dpa,blockwise] [--interpret | --aot_topology=v5e:2x2]
     python -m diffjax.bench accelerator --out=DIR [--budget_s=1200] [--quick] [--stages=kernels,train_step]
     python -m diffjax.bench harness --workdir=runs/tiny_diff [--hf=EXPORTED_DIR] [--count=200] [--harness_batch_size=16]
+    python -m diffjax.bench checkpoint [--layers=4] [--repeats=3] [--storage=local,gcs] [--opt_state] \\
+        [--config=configs/paper_830m.py]
 
 The last line printed is `key=value` pairs. For `data` and `train_step` the first is `tokens_per_s`; `train_step` adds
 `peak_rss_mb`, and with `--compare_hf` ends the line with `hf_tokens_per_s` and `ratio` (diffjax / HF).
@@ -19,6 +21,9 @@ timing and ends with `compiled`, `failed` and temp MiB per variant.
 writes `DIR/results.json` and `DIR/results.md`, prints a line per stage and exits 1 if a stage did not pass.
 `harness` prints lm-evaluation-harness requests/s per request type for diffjax (compiling, then warm) and for
 lm-eval's `hf` model on the export (`diffjax.bench.harness`), and ends with `key=value` pairs.
+`checkpoint` saves and restores a paper model's parameters (paper_830m with `--layers` layers; `--opt_state` adds
+AdamW's state) with Orbax to the local disk and to the Cloud Storage emulator (`diffjax.bench.checkpoint_io`,
+the test extra), prints medians in a table and ends with `STORAGE_save_mb_s`, `STORAGE_restore_mb_s`, `bytes`.
 """
 
 import sys
@@ -30,7 +35,7 @@ from diffjax.bench.timing import run_alternating
 from diffjax.cli import UsageError, run_main
 from diffjax.evaluate.results import format_table
 
-BENCHMARKS = ("data", "train_step", "kernels", "accelerator", "harness")
+BENCHMARKS = ("data", "train_step", "kernels", "accelerator", "harness", "checkpoint")
 _BATCHES = flags.DEFINE_integer("batches", 500, "data: batches to time.")
 _WARMUP = flags.DEFINE_integer("warmup", 20, "data: batches to draw before timing.")
 _EMB_DIM = flags.DEFINE_integer("emb_dim", 256, "train_step: model width E.")
@@ -72,6 +77,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "harness: the run directory of t
 _HF = flags.DEFINE_string("hf", "", "harness: its Hugging Face export (default: exported to a temporary dir).")
 _COUNT = flags.DEFINE_integer("count", 200, "harness: items per local task.")
 _HARNESS_BATCH = flags.DEFINE_integer("harness_batch_size", 16, "harness: sequences per forward pass, both LMs.")
+
+_LAYERS = flags.DEFINE_integer("layers", 4, "checkpoint: decoder layers of the model (paper_830m has 24).")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "checkpoint: save/restore round trips per storage (median reported).")
+_STORAGE = flags.DEFINE_list("storage", ["local", "gcs"], "checkpoint: local (a temporary dir), gcs (the emulator).")
+_OPT_STATE = flags.DEFINE_bool("opt_state", False, "checkpoint: save AdamW's state too (3x the bytes).")
 
 
 def bench_data() -> None:
@@ -191,6 +201,12 @@ def bench_harness() -> None:
     print(" ".join(f"{key}={value:.4g}" for key, value in pairs.items()))
 
 
+def bench_checkpoint() -> None:
+    from diffjax.bench.checkpoint_io import run
+
+    run(flags.FLAGS.config, _LAYERS.value, _REPEATS.value, _STORAGE.value, _OPT_STATE.value)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[1] not in BENCHMARKS:
         raise UsageError(f"name one benchmark: {', '.join(BENCHMARKS)} (got {argv[1:]})")
@@ -200,6 +216,7 @@ def main(argv: list[str]) -> None:
         "kernels": bench_kernels,
         "accelerator": bench_accelerator,
         "harness": bench_harness,
+        "checkpoint": bench_checkpoint,
     }
     benchmarks[argv[1]]()
 

@@ -10,6 +10,7 @@ with one `python -m diffjax.convert: error: ...` line and exit code 2, and nothi
 
 from absl import flags
 
+from diffjax import files
 from diffjax.cli import UsageError, run_main
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "export: run directory, its checkpoints/ or one step's directory.")
@@ -29,9 +30,11 @@ def main(argv: list[str]) -> None:
         raise UsageError("--out is required: the directory to create")
     from diffjax.convert.runs import export_run, import_run
 
+    files.check_access(_OUT.value, "--out", write=True)
     if argv[1] == "export":
         if not _WORKDIR.value:
             raise UsageError("export needs --workdir=<run directory>")
+        files.check_access(_WORKDIR.value, "--workdir")
         out = export_run(
             _WORKDIR.value,
             _OUT.value,
@@ -45,8 +48,14 @@ def main(argv: list[str]) -> None:
     if bool(_HF.value) == bool(_MICROSOFT.value):
         raise UsageError("import needs exactly one of --hf=<dir> and --microsoft=<dir>")
     fmt, source = ("hf", _HF.value) if _HF.value else ("microsoft", _MICROSOFT.value)
+    files.check_access(source, f"--{fmt}")
     out = import_run(source, _OUT.value, fmt)
-    print(f"wrote a diffjax checkpoint to {out}; fine-tune with: python train.py --config={out / 'config.py'}")
+    config = out / "config.py"
+    if files.is_remote(out):  # config files are Python modules, imported from a local path
+        print(f"wrote a diffjax checkpoint to {out}; fine-tune with: gcloud storage cp {config} imported_config.py && "
+              "python train.py --config=imported_config.py")  # fmt: skip
+    else:
+        print(f"wrote a diffjax checkpoint to {out}; fine-tune with: python train.py --config={config}")
 
 
 if __name__ == "__main__":

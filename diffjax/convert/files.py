@@ -6,16 +6,14 @@ NumPy only: torch is never imported. bfloat16 is `ml_dtypes.bfloat16` (what JAX 
 
 import contextlib
 import json
-import os
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from etils import epath
 
+from diffjax import files
 from diffjax.convert.layout import ConversionError, Params
-from diffjax.files import open_permissions
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -35,27 +33,21 @@ def _safetensors():
 
 
 @contextlib.contextmanager
-def staged(out: Path) -> Iterator[Path]:
-    """A temporary sibling of `out` to write into, renamed to `out` only when the block succeeds.
-
-    `out` must not exist yet (an empty directory is replaced), so an error never leaves a partial result.
-    """
+def staged(out: epath.Path, last: str) -> Iterator[epath.Path]:
+    """A local scratch directory that becomes `out` only when the block succeeds (`files.staged`, the file
+    `last` uploaded last to a gs:// `out`); `out` must be new or empty, so an error leaves nothing behind."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConversionError(f"--out={out} already exists; give a new directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(temp, ignore_errors=True)
-    temp.mkdir()
     try:
-        yield temp
-        if out.exists():
-            out.rmdir()
-        temp.rename(out)
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
+        with files.staged(out, last=last) as scratch:
+            yield scratch
+    except BaseException:
+        if files.is_remote(out):
+            files.remove_tree(out)  # objects uploaded (or saved there directly) before the failure
+        raise
 
 
-def write_safetensors(directory: Path, tensors: Params, max_shard_size: int | str) -> None:
+def write_safetensors(directory: epath.Path, tensors: Params, max_shard_size: int | str) -> None:
     """`model.safetensors`, or shards `model-0000i-of-0000n.safetensors` plus `model.safetensors.index.json`
     (Hugging Face's naming, split by huggingface_hub) when the tensors exceed `max_shard_size` bytes."""
     safetensors = _safetensors()
@@ -73,23 +65,23 @@ def write_safetensors(directory: Path, tensors: Params, max_shard_size: int | st
     for filename, names in split.filename_to_tensors.items():
         # transformers refuses safetensors files without this metadata
         safetensors.numpy.save_file({name: tensors[name] for name in names}, directory / filename, {"format": "pt"})
-        open_permissions(directory / filename)  # safetensors writes through a 0600 temporary file
+        files.open_permissions(directory / filename)  # safetensors writes through a 0600 temporary file
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (directory / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def read_safetensors(directory: Path) -> Params:
+def read_safetensors(directory: epath.Path) -> Params:
     """Every tensor of a directory's `model.safetensors` or of the shards its index lists."""
     safetensors = _safetensors()
     if (directory / INDEX).is_file():
-        files = sorted(set(json.loads((directory / INDEX).read_text())["weight_map"].values()))
+        shards = sorted(set(json.loads((directory / INDEX).read_text())["weight_map"].values()))
     elif (directory / SINGLE).is_file():
-        files = [SINGLE]
+        shards = [SINGLE]
     else:
         raise ConversionError(f"{directory} holds neither {SINGLE} nor {INDEX}")
     tensors = {}
-    for filename in files:
+    for filename in shards:
         if not (directory / filename).is_file():
             raise ConversionError(f"{directory / filename} is missing (listed in {INDEX})")
         for name, view in safetensors.deserialize((directory / filename).read_bytes()):
@@ -99,7 +91,7 @@ def read_safetensors(directory: Path) -> Params:
     return tensors
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: epath.Path) -> dict:
     if not path.is_file():
         raise ConversionError(f"{path} is missing")
     try:
@@ -108,5 +100,5 @@ def read_json(path: Path) -> dict:
         raise ConversionError(f"{path} is not valid JSON: {error}") from None
 
 
-def write_json(path: Path, value: dict) -> None:
+def write_json(path: epath.Path, value: dict) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")

@@ -5,10 +5,10 @@
 Differential Transformer V2 class: V2 exports only to the Microsoft layout.
 """
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from diffjax.convert.files import DTYPES, read_json, read_safetensors, write_json, write_safetensors
 from diffjax.convert.layout import ConversionError, Params, fold_subln_gain, hf_layout
@@ -129,7 +129,7 @@ def _model_config(values: dict[str, Any]) -> ModelConfig:
 
 
 def export_hf(
-    directory: Path,
+    directory: epath.Path,
     params: Params,
     cfg: ModelConfig,
     *,
@@ -146,7 +146,7 @@ def export_hf(
     write_json(directory / "config.json", values)
 
 
-def import_hf(directory: Path) -> tuple[ModelConfig, Params]:
+def import_hf(directory: epath.Path) -> tuple[ModelConfig, Params]:
     """The diffjax model config and float32 parameters of a Hugging Face DiffLlama or Llama directory."""
     cfg = model_config_from_hf(read_json(directory / "config.json"))
     tensors = {

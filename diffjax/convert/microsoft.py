@@ -8,10 +8,10 @@ interleaved (GPT-J) RoPE rows, `subln.weight` separate (all ones for a model wit
 `args.json` records so import drops it again).
 """
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from diffjax.convert.files import DTYPES, read_json, read_safetensors, write_json, write_safetensors
 from diffjax.convert.layout import SUBLN, ConversionError, Params, microsoft_layout
@@ -105,7 +105,7 @@ def _model_config(attention: dict[str, Any], decoder: dict[str, Any]) -> ModelCo
 
 
 def export_microsoft(
-    directory: Path, params: Params, cfg: ModelConfig, *, dtype: str, max_shard_size: int | str
+    directory: epath.Path, params: Params, cfg: ModelConfig, *, dtype: str, max_shard_size: int | str
 ) -> None:
     if cfg.attention_type == "diff" and not cfg.subln_affine:
         params = params | {SUBLN: np.ones((cfg.num_layers, 2 * cfg.head_dim), np.float32)}  # the official gain
@@ -114,7 +114,7 @@ def export_microsoft(
     write_json(directory / ARGS, microsoft_args(cfg))
 
 
-def import_microsoft(directory: Path) -> tuple[ModelConfig, Params]:
+def import_microsoft(directory: epath.Path) -> tuple[ModelConfig, Params]:
     cfg = model_config_from_microsoft(read_json(directory / ARGS))
     tensors = {name: value.astype(np.float32) for name, value in read_safetensors(directory).items()}
     shapes = param_shapes(cfg)

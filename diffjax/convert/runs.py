@@ -6,10 +6,11 @@ Export reads a run's checkpoint (`load_model`); import writes a parameters-only 
 """
 
 from collections.abc import Callable
-from pathlib import Path
 
 import ml_collections
+from etils import epath
 
+from diffjax import files
 from diffjax.config import base_config, check_tokenizer, model_config, validate
 from diffjax.convert.files import DTYPES, staged
 from diffjax.convert.hf import export_hf, import_hf
@@ -23,7 +24,10 @@ from diffjax.parallel.mesh import make_mesh
 from diffjax.train.checkpoint import run_metadata, save_params
 
 FORMATS = ("hf", "microsoft")
-IMPORTERS: dict[str, Callable[[Path], tuple[ModelConfig, Params]]] = {"hf": import_hf, "microsoft": import_microsoft}
+IMPORTERS: dict[str, Callable[[epath.Path], tuple[ModelConfig, Params]]] = {
+    "hf": import_hf,
+    "microsoft": import_microsoft,
+}
 # The ModelConfig fields an external checkpoint determines; the rest (dtypes, remat, kernels) keep their defaults.
 IMPORTED_FIELDS = (
     "vocab_size",
@@ -43,24 +47,24 @@ IMPORTED_FIELDS = (
 
 
 def export_run(
-    workdir: str | Path,
-    out: str | Path,
+    workdir: files.PathLike,
+    out: files.PathLike,
     fmt: str,
     *,
     step: int | None = None,
     dtype: str = "float32",
     max_shard_size: int | str = "5GB",
-) -> Path:
+) -> epath.Path:
     """Write the model of `workdir` (latest step, or `step`) to `out` in `fmt` (`hf` or `microsoft`)."""
     if fmt not in FORMATS:
         raise ConversionError(f"--format={fmt!r} is unknown; choose one of {list(FORMATS)}")
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype={dtype!r} is unknown; choose one of {list(DTYPES)}")
-    out = Path(out)
+    out = files.path(out)
     model, config = load_model(workdir, step)
     cfg, params = model_config(config), flat_params(model.params)
     tokenizer = run_tokenizer(config.data.tokenizer) if fmt == "hf" else None
-    with staged(out) as directory:
+    with staged(out, last="config.json") as directory:  # what transformers reads first
         if fmt == "hf":
             ids = special_ids(tokenizer)
             sizes = {"max_shard_size": max_shard_size, "max_positions": config.seq_len}
@@ -71,25 +75,25 @@ def export_run(
     return out
 
 
-def run_config(cfg: ModelConfig, out: Path) -> ml_collections.ConfigDict:
+def run_config(cfg: ModelConfig, out: epath.Path) -> ml_collections.ConfigDict:
     """The default config with the imported model, fine-tuning from `out` into `<out>_finetune`."""
     config = base_config()
     config.model.update({name: getattr(cfg, name) for name in IMPORTED_FIELDS})
-    out = out.absolute()
+    out = files.absolute(out)
     config.workdir = str(out.with_name(f"{out.name}_finetune"))
     config.init_from = str(out)
     validate(config)
     return config
 
 
-def config_file(config: ml_collections.ConfigDict, source: Path) -> str:
+def config_file(config: ml_collections.ConfigDict, source: epath.Path) -> str:
     """`config.py` text: the defaults plus what differs from them, for `train.py --config=`."""
     model = {name: config.model[name] for name in IMPORTED_FIELDS}
     lines = "".join(f"        {name}={value!r},\n" for name, value in model.items())
     tokenizer = f"    config.data.tokenizer = {config.data.tokenizer!r}\n" if config.data.tokenizer != "byte" else ""
     return (
         f'"""Imported from {source} by `python -m diffjax.convert import`.\n\n'
-        f"Fine-tune: python train.py --config={Path(config.init_from) / 'config.py'}\n"
+        f"Fine-tune: python train.py --config={files.path(config.init_from) / 'config.py'}\n"
         '"""\n\n'
         "from diffjax.config import base_config\n\n\n"
         "def get_config():\n"
@@ -102,21 +106,25 @@ def config_file(config: ml_collections.ConfigDict, source: Path) -> str:
     )
 
 
-def import_run(source: str | Path, out: str | Path, fmt: str = "hf") -> Path:
-    """Write the model of an external directory as a diffjax checkpoint at step 0 plus `config.py` into `out`."""
-    source, out = Path(source), Path(out)
+def import_run(source: files.PathLike, out: files.PathLike, fmt: str = "hf") -> epath.Path:
+    """Write the model of an external directory as a diffjax checkpoint at step 0 plus `config.py` into `out`.
+
+    A gs:// `out` gets the checkpoint straight from Orbax (its commit markers are what a reader checks on
+    Cloud Storage); the other files are staged locally and uploaded, `config.py` last.
+    """
+    source, out = files.path(source), files.path(out)
     if not source.is_dir():
         raise ConversionError(f"{source} is not a directory")
     cfg, params = IMPORTERS[fmt](source)
     config = run_config(cfg, out)
     state = to_state(params, cfg)
-    with staged(out) as directory:
+    with staged(out, last="config.py") as directory:
         imported = import_tokenizer(source, directory) if fmt == "hf" else None
         if imported:  # the tokenizer travels with the model; the byte tokenizer otherwise
             name, tokenizer = imported
-            config.data.tokenizer = str(out.absolute() / name)
+            config.data.tokenizer = str(files.absolute(out) / name)
             check_tokenizer(config, tokenizer)
-        metadata = run_metadata(config, make_mesh((1, -1, 1))) | {"imported_from": f"{fmt}:{source.absolute()}"}
-        save_params(directory, 0, state, metadata)
-        (directory / "config.py").write_text(config_file(config, source.absolute()))
+        metadata = run_metadata(config, make_mesh((1, -1, 1))) | {"imported_from": f"{fmt}:{files.absolute(source)}"}
+        save_params(out if files.is_remote(out) else directory, 0, state, metadata)
+        (directory / "config.py").write_text(config_file(config, files.absolute(source)))
     return out

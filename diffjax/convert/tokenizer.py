@@ -14,9 +14,9 @@ ids. Import reads the tokenizer back from `tokenizer.json`, else `tokenizer.mode
 """
 
 import json
-import shutil
-from pathlib import Path
 from typing import TYPE_CHECKING
+
+from etils import epath
 
 from diffjax.config import ConfigError
 from diffjax.convert.layout import ConversionError
@@ -57,7 +57,7 @@ def run_tokenizer(spec: str) -> Tokenizer:
         ) from None
 
 
-def export_tokenizer(directory: Path, tokenizer: Tokenizer, max_length: int) -> None:
+def export_tokenizer(directory: epath.Path, tokenizer: Tokenizer, max_length: int) -> None:
     """Write `tokenizer` into `directory` with `tokenizer_config.json` and `generation_config.json`."""
     roles = _roles(tokenizer)
     if isinstance(tokenizer, ByteTokenizer | HuggingFaceTokenizer):
@@ -66,7 +66,7 @@ def export_tokenizer(directory: Path, tokenizer: Tokenizer, max_length: int) -> 
         (directory / HF_FILE).write_text(with_bos(source, names["bos"], tokenizer.bos_id).to_str(pretty=True))
         tokenizer_class = "PreTrainedTokenizerFast"
     else:
-        shutil.copyfile(tokenizer.path, directory / SENTENCEPIECE_FILE)
+        (directory / SENTENCEPIECE_FILE).write_bytes(tokenizer.path.read_bytes())
         names = {role: tokenizer.processor.id_to_piece(i) for role, i in roles.items()}
         tokenizer_class = "LlamaTokenizer"
     config = {
@@ -122,14 +122,14 @@ def _bytes_to_characters() -> dict[int, str]:
     return mapping
 
 
-def import_tokenizer(source: Path, directory: Path) -> tuple[str, Tokenizer] | None:
+def import_tokenizer(source: epath.Path, directory: epath.Path) -> tuple[str, Tokenizer] | None:
     """Copy `source`'s tokenizer into `directory` (`tokenizer.json` first, else `tokenizer.model`, with its
     `tokenizer_config.json`) once it has been read; its file name and the tokenizer, or None when there is none."""
     for name in (HF_FILE, SENTENCEPIECE_FILE):
         if (source / name).is_file():
             tokenizer = run_tokenizer(str(source / name))  # refused here, before anything is copied
-            shutil.copyfile(source / name, directory / name)
-            if (source / HF_CONFIG).is_file():
-                shutil.copyfile(source / HF_CONFIG, directory / HF_CONFIG)
+            for copied in (name, HF_CONFIG):
+                if (source / copied).is_file():
+                    (directory / copied).write_bytes((source / copied).read_bytes())
             return name, tokenizer
     return None

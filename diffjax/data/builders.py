@@ -8,13 +8,16 @@ import dataclasses
 import glob
 import hashlib
 import json
+import os
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
+from diffjax import files
 from diffjax.config import ConfigError
 from diffjax.data import corpus, needles
 
@@ -52,15 +55,32 @@ class TextFilesConfig(tfds.core.BuilderConfig):
     text_field: str = "text"
 
 
+def _matching_files(pattern: str) -> list[str]:
+    """Absolute paths (or gs:// URLs) of the files a path or glob names."""
+    if files.is_remote(pattern):
+        store = files.filesystem(pattern)
+        return [f"gs://{match}" for match in store.glob(pattern) if store.isfile(match)]
+    matches = [Path(m) for m in glob.glob(os.path.expanduser(pattern), recursive=True)]
+    return [str(m.resolve()) for m in matches if m.is_file()]
+
+
+def _stamp(path: str) -> tuple[int, int | float]:
+    """(size, modification time) of a data file: what decides whether its dataset must be built again."""
+    if files.is_remote(path):
+        stat = files.path(path).stat()
+        return stat.length, stat.mtime
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns
+
+
 def resolve_files(patterns: str) -> tuple[str, ...]:
-    """Sorted absolute paths of comma-separated paths or globs; each pattern must match a text file."""
+    """Sorted absolute paths (or gs:// URLs) of comma-separated paths or globs; each must match a text file."""
     found: set[str] = set()
     for pattern in (p.strip() for p in patterns.split(",") if p.strip()):
-        matches = [Path(m) for m in glob.glob(str(Path(pattern).expanduser()), recursive=True)]
-        files = [m.resolve() for m in matches if m.is_file()]
-        if not files:
+        matched = [files.path(m) for m in _matching_files(pattern)]
+        if not matched:
             raise ConfigError(f"data.files: no file matches {pattern!r}; check the path or glob")
-        for file in files:
+        for file in matched:
             if file.suffix not in TEXT_SUFFIXES:
                 raise ConfigError(f"data.files: {file} is not one of {', '.join(TEXT_SUFFIXES)}; rename or remove it")
             _check_text_file(file)
@@ -70,10 +90,11 @@ def resolve_files(patterns: str) -> tuple[str, ...]:
     return tuple(sorted(found))
 
 
-def _check_text_file(path: Path) -> None:
+def _check_text_file(path: epath.Path) -> None:
     """Reject unreadable or binary files up front, with the file's name (not deep inside a build)."""
     try:
-        head = path.read_bytes()[:65536]
+        with path.open("rb") as f:
+            head = f.read(65536)
     except OSError as error:
         raise ConfigError(f"data.files: cannot read {path}: {error.strerror}") from None
     if b"\0" in head:
@@ -88,7 +109,7 @@ def _check_text_file(path: Path) -> None:
 def _documents(path: str, text_field: str) -> Iterator[tuple[str, str]]:
     """(key, text) for each document: the whole file, or each JSON line's `text_field`."""
     try:
-        content = Path(path).read_text(encoding="utf-8")
+        content = files.path(path).read_bytes().decode("utf-8")
     except UnicodeDecodeError as error:
         raise ConfigError(f"data.files: {path} is not UTF-8 text (byte {error.start})") from None
     if not path.endswith(".jsonl"):
@@ -139,9 +160,9 @@ def corpus_builder(data_dir: str) -> DiffjaxCorpus:
     return DiffjaxCorpus(data_dir=data_dir, file_format=FILE_FORMAT)
 
 
-def text_files_builder(files: str, validation_fraction: float, text_field: str, data_dir: str) -> TextFiles:
-    paths = resolve_files(files)
-    stats = [(p, Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in paths]
+def text_files_builder(patterns: str, validation_fraction: float, text_field: str, data_dir: str) -> TextFiles:
+    paths = resolve_files(patterns)
+    stats = [(p, *_stamp(p)) for p in paths]
     name = "files_" + fingerprint(stats, validation_fraction, text_field)
     config = TextFilesConfig(
         name=name, files=paths, validation_fraction=validation_fraction, text_field=text_field, version=VERSION

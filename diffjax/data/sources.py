@@ -1,17 +1,19 @@
-"""Text sources by name: our own TFDS builders (built on first use) or any dataset prepared in the data dir.
+"""Text sources by name: our own TFDS builders (built on first use) or any dataset prepared in the data dir,
+which may be on Cloud Storage (`gs://...`; read through a local copy).
 
 Every source is read through `tfds` array_record data sources (no TensorFlow) and handed on as a grain
 `MapDataset` of `str` documents.
 """
 
+import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import grain
 import jax
 import ml_collections
 import tensorflow_datasets as tfds
 
+from diffjax import files
 from diffjax.config import ConfigError, parse_mixture
 from diffjax.data import builders
 from diffjax.parallel.mesh import barrier
@@ -19,8 +21,7 @@ from diffjax.parallel.mesh import barrier
 OWN_SOURCES = ("diffjax_corpus", "text_files", "needles")
 
 
-def _builder(name: str, data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-    data_dir = str(Path(data.data_dir).expanduser())
+def _builder(name: str, data: ml_collections.ConfigDict, data_dir: str) -> tfds.core.DatasetBuilder:
     if name == "diffjax_corpus":
         return builders.corpus_builder(data_dir)
     if name == "text_files":
@@ -28,28 +29,64 @@ def _builder(name: str, data: ml_collections.ConfigDict) -> tfds.core.DatasetBui
     if name == "needles":
         return builders.needles_builder(data.needles.to_dict(), data_dir)
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
+        return tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         raise ConfigError(
             f"data.source={name!r} is unknown: not one of {', '.join(OWN_SOURCES)} and not a TFDS dataset"
         ) from None
-    if not builder.is_prepared():
+
+
+def _check_prepared(name: str, builder: tfds.core.DatasetBuilder, data_dir: str) -> None:
+    if name not in OWN_SOURCES and not builder.is_prepared():
+        local = "LOCAL_DIR" if files.is_remote(data_dir) else data_dir
+        then = f" (then copy LOCAL_DIR to {data_dir})" if files.is_remote(data_dir) else ""
         raise ConfigError(
             f"data.source={name!r} is not prepared in {data_dir}; prepare it once on a machine with network access: "
-            f"python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}', data_dir='{data_dir}', "
-            "file_format='array_record').download_and_prepare()\" (or tpu_setup/prepare_data.sh)"
+            f"python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}', data_dir='{local}', "
+            f"file_format='array_record').download_and_prepare()\"{then} (or tpu_setup/prepare_data.sh)"
         )
-    return builder
+
+
+def _local_builder(name: str, data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    """The builder to read from: in `data_dir`, or for a gs:// data_dir in its copy under `cache_dir`.
+
+    array_record files are read from a local disk only, so a dataset prepared on Cloud Storage is copied
+    down whole the first time a host reads it (into a scratch directory renamed into place: never half).
+    """
+    if not files.is_remote(data.data_dir):
+        data_dir = os.fspath(files.path(data.data_dir))
+        builder = _builder(name, data, data_dir)
+        _check_prepared(name, builder, data_dir)
+        return builder
+    remote = _builder(name, data, data.data_dir)
+    local = _builder(name, data, _cache_of(data))
+    if not local.is_prepared():
+        _check_prepared(name, remote, data.data_dir)
+        if remote.is_prepared():
+            with files.staged(local.data_dir) as scratch:
+                files.download_tree(remote.data_dir, scratch)
+            local = _builder(name, data, _cache_of(data))  # sees the copy
+    return local
+
+
+def _cache_of(data: ml_collections.ConfigDict) -> str:
+    """Where a gs:// data dir's datasets are copied: `cache_dir/<bucket>/<path>`."""
+    return os.fspath(files.path(data.cache_dir) / data.data_dir.removeprefix("gs://").strip("/"))
 
 
 def _prepared_builder(name: str, data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-    """Build on first use: process 0 first, then the others find it ready (shared disk) or build their own."""
+    """Build on first use: process 0 first, then the others find it ready (shared disk or bucket) or build
+    their own. A dataset built for a gs:// data dir is uploaded there (its `dataset_info.json` last, which
+    TFDS takes as "prepared") for other hosts and later runs."""
     first = jax.process_index() == 0
     if not first:
         barrier(f"prepared {name}")
-    builder = _builder(name, data)  # made after process 0's build, so it sees the finished dataset
+    builder = _local_builder(name, data)  # made after process 0's build, so it sees the finished dataset
     if not builder.is_prepared():
         builder.download_and_prepare()
+        if files.is_remote(data.data_dir) and first:
+            remote = _builder(name, data, data.data_dir)
+            files.upload_tree(builder.data_dir, remote.data_dir, last="dataset_info.json")
     if first:
         barrier(f"prepared {name}")
     return builder

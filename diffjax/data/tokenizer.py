@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from etils import epath
 
+from diffjax import files
 from diffjax.config import ConfigError
-from diffjax.files import write_atomically
 
 if TYPE_CHECKING:
     import sentencepiece as spm
@@ -61,7 +62,7 @@ class ByteTokenizer:
         return data.decode("utf-8", errors="replace")
 
 
-def _read_model(path: Path) -> "spm.SentencePieceProcessor":
+def _read_model(path: epath.Path) -> "spm.SentencePieceProcessor":
     import sentencepiece as spm  # imported on use: training with the byte tokenizer runs without it
 
     use = f"set data.tokenizer to a .model file written by `{TRAIN_COMMAND}`, or to 'byte'"
@@ -90,7 +91,7 @@ class SentencePieceTokenizer:
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.path = files.path(path)
         self.processor = _read_model(self.path)
         self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
         self.vocab_size = self.processor.vocab_size()
@@ -139,7 +140,7 @@ class HuggingFaceTokenizer:
     """
 
     def __init__(self, path: str | os.PathLike):
-        path = Path(path)
+        path = files.path(path)
         self.path = path / HF_FILE if path.is_dir() else path
         self.tokenizer = _read_tokenizer_json(self.path)
         self.tokenizer.encode_special_tokens = True  # "<|eos|>" in a document is text, never an EOS id
@@ -178,7 +179,7 @@ class HuggingFaceTokenizer:
         return self.tokenizer.decode(kept, skip_special_tokens=True)
 
 
-def _read_tokenizer_json(path: Path) -> "tokenizers.Tokenizer":
+def _read_tokenizer_json(path: epath.Path) -> "tokenizers.Tokenizer":
     from tokenizers import Tokenizer as HFTokenizer  # imported on use, like sentencepiece
 
     if not path.is_file():
@@ -187,13 +188,13 @@ def _read_tokenizer_json(path: Path) -> "tokenizers.Tokenizer":
             f"a SentencePiece .model, or 'byte'"
         )
     try:
-        return HFTokenizer.from_file(str(path))
+        return HFTokenizer.from_str(path.read_text())
     except Exception as error:  # the library raises a bare Exception for malformed files
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(f"{path} is not a Hugging Face tokenizer file ({first})") from None
 
 
-def _configured_special_tokens(path: Path) -> dict[str, str]:
+def _configured_special_tokens(path: epath.Path) -> dict[str, str]:
     """`{"bos": "<s>", ...}` from a transformers `tokenizer_config.json` (tokens as strings or AddedToken dicts)."""
     if not path.is_file():
         return {}
@@ -218,7 +219,7 @@ def load_tokenizer(spec: str) -> Tokenizer:
     the path of a SentencePiece model."""
     if spec == "byte":
         return ByteTokenizer()
-    path = Path(spec).expanduser()
+    path = files.path(spec)
     if path.is_dir() or path.suffix == ".json":
         return HuggingFaceTokenizer(path)
     return SentencePieceTokenizer(path)
@@ -285,10 +286,10 @@ def train_sentencepiece(
     make encoding lossless. Training runs in memory (no temporary input or model files); at most
     `MAX_TRAINING_BYTES` of text are read.
     """
-    out = Path(out).expanduser()
+    out = files.path(out)
     if not isinstance(vocab_size, numbers.Integral) or vocab_size <= 0:
         raise ConfigError(f"vocab_size={vocab_size!r} must be a positive integer")
-    if not out.parent.is_dir():
+    if not files.is_remote(out) and not out.parent.is_dir():
         raise ConfigError(f"cannot write {out}: directory {out.parent} does not exist; create it first")
     import sentencepiece as spm
 
@@ -319,7 +320,7 @@ def train_sentencepiece(
     except RuntimeError as error:
         raise _training_error(error, vocab_size) from None
     try:
-        write_atomically(out, model.getvalue())
+        files.write_atomically(out, model.getvalue())
     except OSError as error:
         raise ConfigError(f"cannot write {out} ({error.strerror}); pass a writable --out path") from None
     return SentencePieceTokenizer(out)
@@ -335,12 +336,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out: str | os.PathLike) -> 
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    out = Path(out).expanduser()
+    out = files.path(out)
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     smallest = len(HF_SPECIAL) + len(alphabet)
     if not isinstance(vocab_size, numbers.Integral) or vocab_size < smallest:
         raise ConfigError(f"vocab_size={vocab_size!r} must be at least {smallest}: 3 special ids and 256 bytes")
-    if not out.parent.is_dir():
+    if not files.is_remote(out) and not out.parent.is_dir():
         raise ConfigError(f"cannot write {out}: directory {out.parent} does not exist; create it first")
     tokenizer = HFTokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -355,7 +356,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out: str | os.PathLike) -> 
             f"{tokenizer.get_vocab_size()}"
         )
     try:
-        write_atomically(out, tokenizer.to_str())
+        files.write_atomically(out, tokenizer.to_str())
     except OSError as error:
         raise ConfigError(f"cannot write {out} ({error.strerror}); pass a writable --out path") from None
     return HuggingFaceTokenizer(out)
@@ -380,7 +381,7 @@ def main(argv: list[str]) -> None:
 
     if argv[1:] != ["train"]:
         raise UsageError(f"expected the command `train`, got {argv[1:] or 'none'}; usage: {TRAIN_COMMAND} --out=...")
-    config, out = flags.FLAGS.config, Path(flags.FLAGS.out).expanduser()
+    config, out = flags.FLAGS.config, files.path(flags.FLAGS.out)
     trainers = {".model": train_sentencepiece, ".json": train_bpe}
     if out.suffix not in trainers:
         raise UsageError(f"--out={out} must end in .model (SentencePiece) or .json (byte-level BPE tokenizer.json)")

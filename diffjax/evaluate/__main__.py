@@ -15,10 +15,10 @@ evaluated runs side by side in `--out` (default: the first run's `eval/compare/`
 """
 
 import dataclasses
-from pathlib import Path
 
 from absl import flags
 
+from diffjax import files
 from diffjax.cli import UsageError, run_main
 from diffjax.evaluate import sampling_flags
 from diffjax.evaluate.tasks import DEFAULT as DEFAULT_TASKS
@@ -113,7 +113,8 @@ def evaluate() -> None:
             tuple(sampling_flags.PROMPTS.value), sampling_flags.MAX_TOKENS.value, sampling, sampling_flags.SEED.value
         ),
     )
-    workdir = Path(_WORKDIR.value).expanduser()
+    files.check_access(_WORKDIR.value, "--workdir", write=True)  # results go to <workdir>/eval/<step>/
+    workdir = files.path(_WORKDIR.value)
     if not workdir.is_dir():
         raise UsageError(f"workdir {workdir} does not exist")
     options = dataclasses.replace(options, harness=harness_options(tasks))
@@ -123,8 +124,11 @@ def evaluate() -> None:
 def compare() -> None:
     from diffjax.evaluate.compare import compare as compare_runs
 
-    out = Path(_OUT.value).expanduser() if _OUT.value else None
-    compare_runs([Path(run).expanduser() for run in _RUNS.value], out)
+    for run in _RUNS.value:
+        files.check_access(run, "--runs")
+    if _OUT.value:
+        files.check_access(_OUT.value, "--out", write=True)
+    compare_runs([files.path(run) for run in _RUNS.value], files.path(_OUT.value) if _OUT.value else None)
 
 
 def main(argv: list[str]) -> None:

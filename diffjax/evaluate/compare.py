@@ -1,26 +1,27 @@
 """Several runs side by side: a table, overlaid loss curves and needle accuracy bars (DIFF vs Transformer)."""
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from diffjax.cli import UsageError
 from diffjax.evaluate import plots
-from diffjax.evaluate.results import format_table, latest_results, staged, write_json
+from diffjax.evaluate.results import format_table, latest_results, write_json
+from diffjax.files import absolute, staged
 from diffjax.train.metrics import read_curve
 
 CURVES = "loss_curves.png"
 BARS = "needle_accuracy.png"
 
 
-def _run_names(runs: list[Path]) -> list[str]:
+def _run_names(runs: list[epath.Path]) -> list[str]:
     """Directory names, or whole paths where two runs share a name."""
-    names = [run.resolve().name for run in runs]
+    names = [absolute(run).name for run in runs]
     return names if len(set(names)) == len(names) else [str(run) for run in runs]
 
 
-def compare(runs: list[Path], out: Path | None = None) -> Path:
+def compare(runs: list[epath.Path], out: epath.Path | None = None) -> epath.Path:
     """Write `compare.json` and the figures for `runs` (each evaluated before) to `out`; returns `out`."""
     if len(runs) < 2:
         raise UsageError(f"--runs names {len(runs)} run; compare needs two or more, comma-separated")
@@ -76,7 +77,7 @@ def _column_order(column: str) -> tuple[int, str]:
     return (fixed.index(column), "") if column in fixed else (len(fixed), column)
 
 
-def _plot_curves(runs: dict[str, Path], path: Path) -> str:
+def _plot_curves(runs: dict[str, epath.Path], path: epath.Path) -> str:
     figure = plots.new_figure(8, 5)
     axes = figure.add_subplot()
     for color, (name, run) in enumerate(runs.items()):
@@ -92,7 +93,7 @@ def _plot_curves(runs: dict[str, Path], path: Path) -> str:
     return plots.save(figure, path)
 
 
-def _plot_needles(evaluated: dict[str, tuple[int, dict]], path: Path) -> str | None:
+def _plot_needles(evaluated: dict[str, tuple[int, dict]], path: epath.Path) -> str | None:
     """Grouped bars of accuracy per (N, R), one bar per run; None when no run has needle results."""
     accuracies = {
         name: results["tasks"]["needles"]["accuracy_by_counts"]

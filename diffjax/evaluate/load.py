@@ -10,7 +10,6 @@ size or mesh loads on any device count that can hold it.
 
 import dataclasses
 import functools
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ import ml_collections
 from flax import nnx
 
 from diffjax.config import ConfigError, model_config
+from diffjax.files import PathLike
 from diffjax.model import DiffTransformer
 from diffjax.parallel.mesh import make_mesh
 from diffjax.parallel.sharding import as_rules, tree_shardings, with_shardings
@@ -48,7 +48,7 @@ class LoadedModel:
         return nnx.merge(self.graphdef, self.params)
 
 
-def load_model(workdir: str | Path, step: int | None = None) -> tuple[LoadedModel, ml_collections.ConfigDict]:
+def load_model(workdir: PathLike, step: int | None = None) -> tuple[LoadedModel, ml_collections.ConfigDict]:
     """The model of `workdir` (or its `checkpoints/`, or one step's directory) and the config it trained with.
 
     `step=None` takes the latest complete checkpoint.

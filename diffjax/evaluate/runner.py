@@ -2,19 +2,23 @@
 
 import time
 from collections.abc import Callable
-from pathlib import Path
+
+from etils import epath
 
 from diffjax.cli import UsageError
 from diffjax.config import check_tokenizer
 from diffjax.data.tokenizer import load_tokenizer
 from diffjax.evaluate.load import load_model
-from diffjax.evaluate.results import RESULTS, eval_directory, format_table, read_json, staged, write_json
+from diffjax.evaluate.results import RESULTS, eval_directory, format_table, read_json, write_json
 from diffjax.evaluate.tasks import TASKS
 from diffjax.evaluate.tasks.base import EvalContext, EvalOptions, TaskResult, model_summary
+from diffjax.files import absolute, staged
 from diffjax.train.checkpoint import CHECKPOINTS
 
 
-def evaluate(workdir: Path, step: int | None, tasks: list[str], options: EvalOptions, data_dir: str = "") -> Path:
+def evaluate(
+    workdir: epath.Path, step: int | None, tasks: list[str], options: EvalOptions, data_dir: str = ""
+) -> epath.Path:
     """Run `tasks` on `step` (default: the latest) of the run in `workdir`; returns the results directory.
 
     `data_dir` overrides where the run's data lives (the config records where it trained).
@@ -29,7 +33,7 @@ def evaluate(workdir: Path, step: int | None, tasks: list[str], options: EvalOpt
     check_tokenizer(config, tokenizer)
     target = eval_directory(workdir, model.step)
     with staged(target, keep_existing=True) as out:
-        context = EvalContext(model, config, tokenizer, options, out, workdir.resolve().name)
+        context = EvalContext(model, config, tokenizer, options, out, absolute(workdir).name)
         results = {name: _timed(TASKS[name], context) for name in tasks}
         summary = model_summary(model, config)
         earlier = read_json(out / RESULTS).get("tasks", {})

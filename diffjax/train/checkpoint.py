@@ -5,15 +5,19 @@ asynchronously and read straight into the target shardings, so any mesh or devic
 checkpoint), `data` (every process's grain iterator position, JSON) and `metadata` (the config,
 the model layout and package versions, JSON). Nothing is pickled, so loading never runs stored code.
 The train step draws no random numbers (no dropout), so the data position is the run's only RNG state.
+
+A workdir on Cloud Storage (`gs://...`) is written straight through tensorstore's GCS driver. There a step
+is complete once Orbax has written its `commit_success.txt` (an object store cannot rename a directory),
+so a step directory without one is an unfinished write.
 """
 
+import contextlib
 import importlib.metadata
 import json
 import platform
-import shutil
 import sys
 import time
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import grain
@@ -21,15 +25,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx, traverse_util
 
+from diffjax import files
+from diffjax.cli import RunFailure
 from diffjax.config import ConfigError
 from diffjax.parallel.mesh import barrier
 from diffjax.train.step import TrainState
 
 CHECKPOINTS = "checkpoints"
 DAMAGED = "checkpoints.damaged"  # unreadable steps are moved here once an older one has restored
-UNFINISHED = ".orbax-checkpoint-tmp"  # Orbax writes a step here and renames it when complete
+UNFINISHED = ".orbax-checkpoint-tmp"  # locally Orbax writes a step here and renames it when complete
+COMMITTED = "commit_success.txt"  # on Cloud Storage Orbax writes this last into a complete step
 PACKAGES = ("diffjax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain")
 
 
@@ -62,7 +70,7 @@ class _DataHandler(grain.checkpoint.CheckpointHandler):
         return iterator
 
 
-def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+def handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
     """Handlers by item name, so metadata and partial restores work before anything was saved."""
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     for item in ("params", "opt_state"):
@@ -75,9 +83,9 @@ def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
     return registry
 
 
-def _manager(directory: Path, options: ocp.CheckpointManagerOptions | None = None) -> ocp.CheckpointManager:
+def _manager(directory: epath.Path, options: ocp.CheckpointManagerOptions | None = None) -> ocp.CheckpointManager:
     options = options or ocp.CheckpointManagerOptions(create=False)  # a reader: never creates the directory
-    return ocp.CheckpointManager(directory.absolute(), options=options, handler_registry=_handler_registry())
+    return ocp.CheckpointManager(files.absolute(directory), options=options, handler_registry=handler_registry())
 
 
 def run_metadata(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict[str, Any]:
@@ -128,7 +136,7 @@ def check_shapes(saved: dict[str, tuple[int, ...]], wanted: dict[str, tuple[int,
 class RunCheckpoints:
     """The checkpoints of one workdir: periodic asynchronous saves, retention, resume."""
 
-    def __init__(self, workdir: Path, config: ml_collections.ConfigDict, metadata: dict[str, Any]):
+    def __init__(self, workdir: epath.Path, config: ml_collections.ConfigDict, metadata: dict[str, Any]):
         self.directory = workdir / CHECKPOINTS
         self.damaged = workdir / DAMAGED
         self.every = config.checkpoint_every_steps
@@ -143,6 +151,7 @@ class RunCheckpoints:
             preservation_policy=keep, enable_async_checkpointing=True, create=True, cleanup_tmp_directories=False
         )
         self.manager = _manager(self.directory, options)
+        self.writing: int | None = None  # the step of the asynchronous write in flight
 
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
@@ -157,9 +166,29 @@ class RunCheckpoints:
             data=grain.checkpoint.CheckpointSave(data_iterator),
             metadata=ocp.args.JsonSave(self.metadata | {"step": step, "saved_at": time.time()}),
         )
-        self.manager.save(step, args=args, force=True)
+        with self._failures():
+            self.manager.check_for_errors()  # the previous write's failure, named as that step's
+        self.writing = step
+        with self._failures():
+            self.manager.save(step, args=args, force=True)
 
-    def step_directory(self, step: int) -> Path:
+    @contextlib.contextmanager
+    def _failures(self) -> Iterator[None]:
+        """A failed write (the storage unreachable, say) as one line naming the step; Orbax reports an
+        asynchronous failure at the next save or wait, and never marks that step complete."""
+        try:
+            yield
+        except Exception as error:
+            intact = max((s for s in self.manager.all_steps() if s != self.writing), default=None)
+            step = self.writing
+            self.writing = None
+            kept = f"step {intact} is the latest complete checkpoint" if intact is not None else "no step is complete"
+            raise RunFailure(
+                f"saving the checkpoint of step {step} to {self.directory} failed ({_reason(error)}); {kept}: "
+                "run the same command again once the storage is reachable to resume from it"
+            ) from error
+
+    def step_directory(self, step: int) -> epath.Path:
         return self.directory / str(step)
 
     def restore_latest(self, abstract: TrainState, data_iterator: grain.DatasetIterator) -> TrainState | None:
@@ -180,8 +209,7 @@ class RunCheckpoints:
             except ConfigError:
                 raise
             except Exception as error:  # any read failure makes this step unusable
-                reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-                warn(f"checkpoint {self.step_directory(step)} is unreadable ({reason}); trying an older one")
+                warn(f"checkpoint {self.step_directory(step)} is unreadable ({_reason(error)}); trying an older one")
                 failed.append(step)
                 continue
             self._move_aside(failed)
@@ -220,18 +248,17 @@ class RunCheckpoints:
     def _remove_unfinished(self) -> None:
         """Delete writes that never completed (a kill mid-save); the step before them is intact."""
         if jax.process_index() == 0 and self.directory.is_dir():
-            for path in sorted(self.directory.glob(f"*{UNFINISHED}*")):
+            for path in unfinished_writes(self.directory):
                 warn(f"removing the unfinished checkpoint write {path}")
-                shutil.rmtree(path)
+                files.remove_tree(path)
         barrier("removed unfinished checkpoints")
         self.manager.reload()
 
     def _move_aside(self, steps: list[int]) -> None:
         if steps and jax.process_index() == 0:
-            self.damaged.mkdir(exist_ok=True)
             for step in steps:
                 target = self.damaged / f"{step}-{int(time.time())}"
-                shutil.move(self.step_directory(step), target)
+                files.move_tree(self.step_directory(step), target)
                 warn(f"moved the unreadable checkpoint {self.step_directory(step)} to {target}")
         if steps:
             barrier("moved damaged checkpoints")
@@ -239,19 +266,34 @@ class RunCheckpoints:
 
     def wait(self) -> None:
         """Block until the last write is complete on disk."""
-        self.manager.wait_until_finished()
+        with self._failures():
+            self.manager.wait_until_finished()
+        self.writing = None
 
     def close(self) -> None:
         self.wait()
         self.manager.close()
 
 
-def find_checkpoint(path: str | Path, abstract_params: nnx.State | None = None) -> tuple[Path, int]:
+def unfinished_writes(directory: epath.Path) -> list[epath.Path]:
+    """Step writes that never completed: Orbax's temporaries locally, steps without `commit_success.txt`
+    on Cloud Storage."""
+    if files.is_remote(directory):
+        steps = [p for p in directory.iterdir() if p.name.isdigit()]
+        return sorted(p for p in steps if not (p / COMMITTED).exists())
+    return sorted(directory.glob(f"*{UNFINISHED}*"))
+
+
+def _reason(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
+def find_checkpoint(path: str | epath.Path, abstract_params: nnx.State | None = None) -> tuple[epath.Path, int]:
     """(checkpoints directory, step) for a workdir, its `checkpoints/` or one step's directory.
 
     With `abstract_params`, also check that the model fits (before a run writes anything).
     """
-    path = Path(path).expanduser()
+    path = files.path(path)
     if path.name.isdigit() and (path / "params").is_dir():
         directory, step = path.parent, int(path.name)
     else:
@@ -266,7 +308,7 @@ def find_checkpoint(path: str | Path, abstract_params: nnx.State | None = None) 
     return directory, step
 
 
-def read_metadata(directory: Path, step: int) -> dict[str, Any]:
+def read_metadata(directory: epath.Path, step: int) -> dict[str, Any]:
     """The `metadata` item of one checkpoint (config, layout, versions)."""
     return _manager(directory).restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())).metadata
 
@@ -277,14 +319,14 @@ def check_fits(manager: ocp.CheckpointManager, step: int, abstract_params: nnx.S
     check_shapes(saved, _flat_shapes(abstract_params), str(manager.directory / str(step)))
 
 
-def restore_params(directory: Path, step: int, abstract_params: nnx.State) -> nnx.State:
+def restore_params(directory: epath.Path, step: int, abstract_params: nnx.State) -> nnx.State:
     """Parameters only (fine-tuning, evaluation), read into the shardings that `abstract_params` carries."""
     manager = _manager(directory)
     check_fits(manager, step, abstract_params)
     return manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))).params
 
 
-def save_params(workdir: Path, step: int, params: nnx.State, metadata: dict[str, Any]) -> Path:
+def save_params(workdir: epath.Path, step: int, params: nnx.State, metadata: dict[str, Any]) -> epath.Path:
     """A checkpoint of parameters and metadata only (imported weights): what `init_from` and `load_model` read.
 
     It holds no optimizer state or data position, so a run cannot resume in this workdir: fine-tune into

@@ -1,15 +1,17 @@
 """The training run: build everything from a validated config, resume or start, train, evaluate, sample."""
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import grain
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
+from diffjax import files
 from diffjax.config import ConfigError, check_tokenizer, model_config, validate
 from diffjax.data.pipeline import Batch, eval_batches, make_dataset
 from diffjax.data.tokenizer import load_tokenizer
@@ -56,15 +58,16 @@ def run(config: ml_collections.ConfigDict) -> dict[str, float]:
     started = time.perf_counter()
     validate(config)
     initialize_distributed(**config.distributed)
+    check_storage(config)
     if config.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", str(Path(config.compilation_cache_dir).expanduser()))
+        jax.config.update("jax_compilation_cache_dir", os.fspath(files.path(config.compilation_cache_dir)))
     mesh = make_mesh(config.mesh.shape, config.mesh.dcn_shape)
     tokenizer = load_tokenizer(config.data.tokenizer)
     check_tokenizer(config, tokenizer)
     validation = eval_batches(config, tokenizer)  # builds the dataset on first use; fails before the workdir
     trainer = make_trainer(config, mesh)
     init_from = find_checkpoint(config.init_from, trainer.abstract_state.params) if config.init_from else None
-    workdir = Path(config.workdir)
+    workdir = files.path(config.workdir)
     main_process = jax.process_index() == 0
     log = say if main_process else (lambda *_: None)
 
@@ -82,7 +85,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, float]:
         else:
             state = create_state(config, trainer)
         if main_process:
-            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+            files.write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2))
         num_params = sum(x.size for x in jax.tree.leaves(state.params))
         log(
             f"model: {num_params / 1e6:.2f}M parameters, {config.model.attention_type} attention, "
@@ -114,7 +117,7 @@ class _Session:
 
     @classmethod
     def start(
-        cls, config, trainer, checkpoints, validation, workdir: Path, log, start_step: int, started: float
+        cls, config, trainer, checkpoints, validation, workdir: epath.Path, log, start_step: int, started: float
     ) -> "_Session":
         writer = MetricsWriter(workdir, resume_step=start_step or None)
         tokens_per_step = config.batch_size * config.seq_len
@@ -160,7 +163,7 @@ class _Session:
     def summarize(self, step: int) -> None:
         """The closing lines: losses first -> last over the whole run (resumes included), wall time and
         tokens/s of this invocation, and where the checkpoint and the metrics are."""
-        workdir = Path(self.config.workdir)
+        workdir = files.path(self.config.workdir)
         lines = [f"done at step {step} of {self.config.total_steps}: {duration(time.perf_counter() - self.started)}"]
         if self.progress.tokens_per_s:
             lines[0] += f" for {self.progress.trained_steps} steps, {self.progress.tokens_per_s:,.0f} tokens/s"
@@ -190,7 +193,7 @@ class _Session:
         previous = None
         for step in range(self.start_step + 1, config.total_steps + 1):
             if step == profile_start:
-                jax.profiler.start_trace(str(Path(config.workdir) / "profile"))
+                jax.profiler.start_trace(os.fspath(files.path(config.workdir) / "profile"))
             state, metrics = compiled(state, batch)
             if step == profile_stop:
                 jax.block_until_ready(metrics)
@@ -202,6 +205,7 @@ class _Session:
             if stopping or step == config.total_steps or self.checkpoints.due(step):
                 self.settle(*previous)  # never checkpoint past a step that fails the NaN check
                 previous = None
+                self.writer.flush(f"before the checkpoint of step {step}")  # stored before it can complete
                 self.checkpoints.save(step, state, train_batches)
             if stopping:
                 return state, step
@@ -219,6 +223,18 @@ class _Session:
         """A finished step's host-side work: the NaN check and logging."""
         check_finite(self.config, step, metrics)
         self.progress.step_done(step, metrics)
+
+
+def check_storage(config: ml_collections.ConfigDict) -> None:
+    """Every gs:// path of `config` usable before anything is built: one line naming the setting otherwise."""
+    files.check_access(config.workdir, "workdir", write=True)
+    if config.init_from:
+        files.check_access(config.init_from, "init_from")
+    if config.compilation_cache_dir:
+        files.check_access(config.compilation_cache_dir, "compilation_cache_dir", write=True)
+    if config.data.tokenizer != "byte":
+        files.check_access(config.data.tokenizer, "data.tokenizer")
+    files.check_access(config.data.data_dir, "data.data_dir", write=True)  # our datasets are built into it
 
 
 def check_finite(config: ml_collections.ConfigDict, step: int, metrics: dict[str, jax.Array]) -> None:

@@ -1,16 +1,31 @@
 """Where metrics go: JSON lines for scripts, TensorBoard event files, and for people a progress bar in a
-terminal or a plain line per `log_every_steps` in a log file (a pipe, `nohup`, a TPU worker's log)."""
+terminal or a plain line per `log_every_steps` in a log file (a pipe, `nohup`, a TPU worker's log).
+
+In a local workdir each record is appended as it comes. Objects in Cloud Storage cannot be appended to,
+so there each file is kept whole (JSON lines in memory, TensorBoard event files in a local scratch
+directory) and uploaded as one object, replacing the last, at least every `UPLOAD_EVERY_S` seconds and
+before every checkpoint is started: whatever a checkpoint of step s restores, the records up to s are
+stored, so a preempted run loses only records that its resume trains again. All uploads go through
+gcsfs, so a failing bucket gives one error, raised once.
+"""
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import jax
+from etils import epath
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
+
+from diffjax import files
+from diffjax.cli import RunFailure
+
+UPLOAD_EVERY_S = 30.0  # a gs:// workdir's metrics files are re-uploaded this often (and at every checkpoint)
 
 
 class MetricsWriter:
@@ -20,41 +35,84 @@ class MetricsWriter:
     later ones (steps that are about to be trained again), so the files read as one uninterrupted run.
     """
 
-    def __init__(self, workdir: Path, resume_step: int | None = None):
+    def __init__(self, workdir: epath.Path, resume_step: int | None = None):
         self.enabled = jax.process_index() == 0
         self.started: set[str] = set()  # files this run appends to (a fresh run replaces old ones)
         if not self.enabled:
             return
-        self.workdir = workdir
+        self.workdir, self.remote = workdir, files.is_remote(workdir)
+        self.lines: dict[str, list[str]] = {}  # gs://: every line of each file, uploaded whole
+        self.unsaved: set[str] = set()
+        self.uploaded, self.failed = time.monotonic(), False
         if resume_step is not None:
             for path in workdir.glob("*.jsonl"):
                 kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-                path.write_text("".join(line + "\n" for line in kept))
+                files.write_atomically(path, "".join(line + "\n" for line in kept))
                 self.started.add(path.stem)
+                self.lines[path.stem] = kept
         purge = None if resume_step is None else resume_step + 1  # TensorBoard hides older events from here on
-        self.tensorboard = SummaryWriter(str(workdir / "tensorboard"), purge_step=purge)
+        self.events = epath.Path(tempfile.mkdtemp(prefix="diffjax-tensorboard-")) if self.remote else None
+        self.tensorboard = SummaryWriter(os.fspath(self.events or workdir / "tensorboard"), purge_step=purge)
 
     def write(self, name: str, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        with open(self.workdir / f"{name}.jsonl", "a" if name in self.started else "w") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
+        line = json.dumps({"step": step, **values})
+        if self.remote:
+            self.lines.setdefault(name, []).append(line)
+            self.unsaved.add(name)
+            if time.monotonic() - self.uploaded > UPLOAD_EVERY_S:
+                self.flush()
+        else:
+            with (self.workdir / f"{name}.jsonl").open("a" if name in self.started else "w") as f:
+                f.write(line + "\n")
         self.started.add(name)
         for key, value in values.items():
             self.tensorboard.add_scalar(f"{name}/{key}", value, step)
 
+    def flush(self, when: str = "") -> None:
+        """Store every record written so far (a no-op for a local workdir, where each is appended at once).
+
+        A failed upload is a `RunFailure` naming `when` (say, "before the checkpoint of step 10").
+        """
+        if not self.enabled or not self.remote:
+            return
+        try:
+            for name in sorted(self.unsaved):
+                text = "".join(line + "\n" for line in self.lines[name])
+                files.write_atomically(self.workdir / f"{name}.jsonl", text)
+            self.tensorboard.flush()
+            for events in self.events.iterdir():  # one file per writer, named by time and host: never clashes
+                files.write_atomically(self.workdir / "tensorboard" / events.name, events.read_bytes())
+        except Exception as error:  # gcsfs raises aiohttp's errors after retrying, OSError for HTTP errors
+            self.failed = True  # closing then skips the upload: the failure is reported once
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+            raise RunFailure(
+                f"storing the metrics in {self.workdir}{' ' + when if when else ''} failed ({reason}); run the same "
+                "command again once the storage is reachable: it resumes from the latest complete checkpoint"
+            ) from error
+        self.unsaved.clear()
+        self.uploaded = time.monotonic()
+
     def close(self) -> None:
         if self.enabled:
-            self.tensorboard.close()
+            try:
+                if not self.failed:
+                    self.flush()
+            finally:
+                self.tensorboard.close()
+                if self.events:
+                    shutil.rmtree(self.events, ignore_errors=True)
 
     def ends(self, name: str, key: str) -> tuple[tuple[int, float], tuple[int, float]] | None:
         """(step, value) of the first and the last record of `name` holding `key` (the whole run, resumes
         included); None when there is none."""
+        self.flush()
         steps, values = read_curve(self.workdir / f"{name}.jsonl", key) if self.enabled else ([], [])
         return ((steps[0], values[0]), (steps[-1], values[-1])) if steps else None
 
 
-def read_curve(path: Path, key: str) -> tuple[list[int], list[float]]:
+def read_curve(path: epath.Path, key: str) -> tuple[list[int], list[float]]:
     """(steps, values) of `key` in a metrics JSON-lines file; empty when the file is absent."""
     if not path.is_file():
         return [], []

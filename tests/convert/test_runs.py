@@ -115,7 +115,7 @@ def test_every_exported_file_is_readable_by_others_as_open_would_make_it(run, tm
         exports = [export_run(workdir, tmp_path / fmt, fmt, max_shard_size="20KB") for fmt in ("hf", "microsoft")]
     finally:
         os.umask(umask)
-    files = [path for out in exports for path in out.rglob("*") if path.is_file()]
+    files = [path for out in exports for path in Path(out).rglob("*") if path.is_file()]
     assert len([path for path in files if path.suffix == ".safetensors"]) > 2  # sharded
     assert {path.name: oct(stat.S_IMODE(path.stat().st_mode)) for path in files} == {
         path.name: "0o644" for path in files

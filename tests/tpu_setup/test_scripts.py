@@ -120,26 +120,55 @@ def test_create_requests_the_configured_slice(run_script, env_file, extra, wante
     assert "describe dj-pod" in commands[-1]  # then it waits for the slice to be usable
 
 
-def test_setup_copies_the_code_and_installs_every_worker(run_script, env_file):
-    commands = dry_run(run_script, "setup.sh", env_file())
+GCSFUSE = ("--bucket", "dj-bucket", "--mount-dir", "/mnt/gcs", "--")
+GCSFUSE_FLAGS = ("--implicit-dirs", "--rename-dir-limit=200000", "--metadata-cache-ttl-secs=0")
+
+
+@pytest.mark.parametrize(
+    "extra,mount",
+    [
+        ("", []),  # the default: train.py writes gs:// itself, no mount
+        ("USE_GCSFUSE=false", []),
+        ("USE_GCSFUSE=true", [*GCSFUSE, *GCSFUSE_FLAGS]),
+        ("USE_GCSFUSE=true\nGCSFUSE_FLAGS=(--implicit-dirs)", [*GCSFUSE, "--implicit-dirs"]),
+    ],
+)
+def test_setup_copies_the_code_and_installs_every_worker(run_script, env_file, extra, mount):
+    commands = dry_run(run_script, "setup.sh", env_file(extra=extra))
     scp = next(c for c in commands if " scp " in c)
     assert "tpu-vm scp" in scp and "dj-pod:diffjax-code-run-42.tar.gz" in scp and "--worker=all" in scp
     setup = remote_command(commands[-1])
     assert "--worker=all" in commands[-1]
-    assert setup[:5] == ["cd", "diffjax", "&&", "bash", "tpu_setup/worker/setup.sh"]
-    assert setup[5:] == [
-        *("--python", "python3.11", "--bucket", "dj-bucket", "--mount-dir", "/mnt/gcs", "--"),
-        *("--implicit-dirs", "--rename-dir-limit=200000", "--metadata-cache-ttl-secs=0"),
-    ]
+    assert setup == ["cd", "diffjax", "&&", "bash", "tpu_setup/worker/setup.sh", "--python", "python3.11", *mount]
 
 
-def test_launch_starts_the_same_command_on_all_workers(run_script, env_file):
-    (launch,) = dry_run(run_script, "launch.sh", env_file())
+@pytest.mark.parametrize(
+    "extra,mount,workdir,data_dir",
+    [
+        ("", [], "gs://dj-bucket/runs/run-42", "gs://dj-bucket/tensorflow_datasets"),
+        ("USE_GCSFUSE=true", ["--mount", "/mnt/gcs"], "/mnt/gcs/runs/run-42", "/mnt/gcs/tensorflow_datasets"),
+        (
+            "USE_GCSFUSE=true\nMOUNT_DIR=/data/gcs",
+            ["--mount", "/data/gcs"],
+            "/data/gcs/runs/run-42",
+            "/data/gcs/tensorflow_datasets",
+        ),
+        ("WORKDIR=gs://other/exp/7\nDATA_DIR=/home/me/tfds", [], "gs://other/exp/7", "/home/me/tfds"),
+        (  # the README's mix: a native workdir, data read through the mount
+            "USE_GCSFUSE=true\nWORKDIR=gs://$BUCKET/runs/$RUN_ID",
+            ["--mount", "/mnt/gcs"],
+            "gs://dj-bucket/runs/run-42",
+            "/mnt/gcs/tensorflow_datasets",
+        ),
+    ],
+)
+def test_launch_starts_the_same_command_on_all_workers(run_script, env_file, extra, mount, workdir, data_dir):
+    (launch,) = dry_run(run_script, "launch.sh", env_file(extra=extra))
     assert launch.startswith("gcloud compute tpus tpu-vm ssh dj-pod --project=proj-x --zone=us-east5-a --worker=all")
     assert remote_command(launch) == [
-        *("cd", "diffjax", "&&", "bash", "tpu_setup/worker/run.sh", "start", "run-42", "--mount", "/mnt/gcs", "--"),
+        *("cd", "diffjax", "&&", "bash", "tpu_setup/worker/run.sh", "start", "run-42", *mount, "--"),
         *("env", "DIFFJAX_MULTIHOST=1", ".venv/bin/python", "train.py", "--config=configs/paper_6_8b.py"),
-        *("--config.workdir=/mnt/gcs/runs/run-42", "--config.data.data_dir=/mnt/gcs/tensorflow_datasets"),
+        *(f"--config.workdir={workdir}", f"--config.data.data_dir={data_dir}"),
         *TRAIN_ARGS,
     ]
 
@@ -150,10 +179,20 @@ def test_a_multislice_launch_reaches_every_node_and_splits_data_across_slices(ru
     assert "--config.mesh.dcn_shape=(2,1,1)" in remote_command(launch)
 
 
-def test_babysit_prints_one_recovery_from_preemption(run_script, env_file):
-    commands = dry_run(run_script, "babysit.sh", env_file(extra="CAPACITY=spot"))
+@pytest.mark.parametrize(
+    "extra,workdir,gs_workdir",
+    [
+        ("", "gs://dj-bucket/runs/run-42", "gs://dj-bucket/runs/run-42"),
+        ("USE_GCSFUSE=true", "/mnt/gcs/runs/run-42", "gs://dj-bucket/runs/run-42"),
+        ("USE_GCSFUSE=true\nMOUNT_DIR=/data/gcs/", "/data/gcs/runs/run-42", "gs://dj-bucket/runs/run-42"),
+        ("USE_GCSFUSE=true\nWORKDIR=/mnt/gcs/exp/7/", "/mnt/gcs/exp/7/", "gs://dj-bucket/exp/7"),
+        ("WORKDIR=gs://other/exp/7/", "gs://other/exp/7/", "gs://other/exp/7"),
+    ],
+)
+def test_babysit_prints_one_recovery_from_preemption(run_script, env_file, extra, workdir, gs_workdir):
+    commands = dry_run(run_script, "babysit.sh", env_file(extra=f"CAPACITY=spot\n{extra}"))
     steps = [
-        "storage cat gs://dj-bucket/runs/run-42/config.json",  # finished?
+        f"gcloud storage cat {gs_workdir}/config.json",  # finished?
         "tpu-vm describe dj-pod",  # the slice's state
         "tpu-vm delete dj-pod",
         "tpu-vm create dj-pod",
@@ -166,7 +205,7 @@ def test_babysit_prints_one_recovery_from_preemption(run_script, env_file):
     create = commands[found[3]]
     assert "--accelerator-type=v5p-64" in create and "--spot" in create
     assert "--worker=all" in commands[found[4]] and "--worker=all" in commands[-1]
-    assert "--config.workdir=/mnt/gcs/runs/run-42" in remote_command(commands[-1])
+    assert f"--config.workdir={workdir}" in remote_command(commands[-1])
 
 
 @pytest.mark.parametrize(
@@ -176,13 +215,29 @@ def test_babysit_prints_one_recovery_from_preemption(run_script, env_file):
         ("logs.sh", [], ["--worker=0", "tpu_setup/worker/run.sh log run-42 100"]),
         ("logs.sh", ["--all", "--lines", "5", "--follow"], ["--worker=all", "run.sh log run-42 5 --follow"]),
         ("delete.sh", [], ["gcloud compute tpus tpu-vm delete dj-pod --project=proj-x --zone=us-east5-a --quiet"]),
-        ("prepare_data.sh", ["lm1b"], ["--worker=0", "lm1b /mnt/gcs/tensorflow_datasets", "array_record"]),
     ],
 )
 def test_other_scripts_name_the_run_and_the_workers(run_script, env_file, script, args, wanted):
     (command,) = dry_run(run_script, script, env_file(), *args)
     for part in wanted:
         assert part in command
+
+
+@pytest.mark.parametrize(
+    "extra,destination",
+    [
+        ("", "gs://dj-bucket/tensorflow_datasets"),
+        ("USE_GCSFUSE=true", "gs://dj-bucket/tensorflow_datasets"),  # the mount's path, copied with gcloud
+        ("USE_GCSFUSE=true\nDATA_DIR=/mnt/gcs/data/tfds", "gs://dj-bucket/data/tfds"),
+        ("DATA_DIR=gs://other/tfds/", "gs://other/tfds"),
+    ],
+)
+def test_prepare_data_builds_on_worker_0_and_copies_to_the_bucket(run_script, env_file, extra, destination):
+    (command,) = dry_run(run_script, "prepare_data.sh", env_file(extra=extra), "c4/en:3.1.0")
+    assert command.startswith("gcloud compute tpus tpu-vm ssh dj-pod --project=proj-x --zone=us-east5-a --worker=0")
+    assert remote_command(command) == [
+        *("cd", "diffjax", "&&", "bash", "tpu_setup/worker/prepare_data.sh", "c4/en:3.1.0", destination)
+    ]
 
 
 @pytest.mark.parametrize("script", ["create.sh", "setup.sh", "launch.sh", "babysit.sh", "stop.sh"])
@@ -200,7 +255,11 @@ def test_a_missing_variable_is_a_one_line_error(run_script, env_file, script, va
         ("CAPACITY=cheap", "CAPACITY=cheap in {env} must be on-demand, spot or reserved"),
         ("NUM_SLICES=0", "NUM_SLICES=0 in {env} must be a positive integer"),
         ("TRAIN_ARGS='--config.seed=1 --config.total_steps=9'", "TRAIN_ARGS in {env} must be a bash array"),
-        ("USE_GCSFUSE=false", "babysit.sh resumes from the bucket: set USE_GCSFUSE=true"),
+        ("USE_GCSFUSE=yes", "USE_GCSFUSE=yes in {env} must be true or false"),
+        ("WORKDIR=runs/x", "babysit.sh resumes from the bucket: WORKDIR=runs/x in {env} is on the workers' disks"),
+        # without the mount, /mnt/gcs is a directory on each worker's own disk
+        ("WORKDIR=/mnt/gcs/runs/x", "babysit.sh resumes from the bucket: WORKDIR=/mnt/gcs/runs/x in {env} is on"),
+        ("USE_GCSFUSE=true\nWORKDIR=/home/me/x", "babysit.sh resumes from the bucket: WORKDIR=/home/me/x in {env}"),
     ],
 )
 def test_bad_values_are_one_line_errors(run_script, env_file, extra, message):
@@ -208,6 +267,22 @@ def test_bad_values_are_one_line_errors(run_script, env_file, extra, message):
     result = run_script("babysit.sh", "--env", str(env), "--dry-run")
     assert result.returncode == 2 and not result.stdout
     assert result.stderr.startswith(f"tpu_setup/babysit.sh: error: {message.format(env=env)}")
+    assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "extra,args,message",
+    [
+        ("", [], "give one TFDS dataset name"),
+        ("DATA_DIR=/home/me/tfds", ["lm1b"], "DATA_DIR=/home/me/tfds in {env} is not on the bucket"),
+        ("DATA_DIR=/mnt/gcs/tfds", ["lm1b"], "DATA_DIR=/mnt/gcs/tfds in {env} is not on the bucket"),
+    ],
+)
+def test_prepare_data_refuses_a_data_dir_off_the_bucket(run_script, env_file, extra, args, message):
+    env = env_file(extra=extra)
+    result = run_script("prepare_data.sh", "--env", str(env), "--dry-run", *args)
+    assert result.returncode == 2 and not result.stdout
+    assert result.stderr.startswith(f"tpu_setup/prepare_data.sh: error: {message.format(env=env)}")
     assert result.stderr.count("\n") == 1
 
 
@@ -223,43 +298,68 @@ def test_the_example_env_file_only_needs_real_names(run_script):
 
 
 FAKE_GCLOUD = """#!/usr/bin/env bash
-# A zone with one slice, whose state is in $FAKE/state; the run finishes once launched.
+# A zone with one slice, whose state is in $FAKE/state; the run finishes once launched. Its workdir in the bucket
+# is gs://dj-bucket/runs/run-42: config.json once $FAKE/config exists, checkpoints/10/ once $FAKE/saved exists,
+# with the commit_success.txt that Orbax writes last on gs:// once $FAKE/committed exists.
 echo "$*" >> "$FAKE/calls"
+step=gs://dj-bucket/runs/run-42/checkpoints/10
 case "$*" in
   *"run.sh status"*) cat "$FAKE/status" ;;
-  *"run.sh start"*) touch "$FAKE/finished" ;;
+  *"run.sh start"*) touch "$FAKE/config" "$FAKE/saved" "$FAKE/committed" ;;
   *" describe "*) [ "$(cat "$FAKE/state")" = MISSING ] && exit 1; cat "$FAKE/state" ;;
   *" delete "*) echo MISSING > "$FAKE/state" ;;
   *" create "*) echo READY > "$FAKE/state" ;;
-  "storage cat "*) [ -f "$FAKE/finished" ] || exit 1; printf '{\\n  "total_steps": 10,\\n  "seed": 0\\n}\\n' ;;
-  "storage ls "*) echo gs://dj-bucket/runs/run-42/checkpoints/10/ ;;
+  "storage cat gs://dj-bucket/runs/run-42/config.json")
+    [ -f "$FAKE/config" ] || exit 1
+    printf '{\\n  "total_steps": 10,\\n  "seed": 0\\n}\\n' ;;
+  "storage ls $step/")
+    [ -f "$FAKE/saved" ] || exit 1
+    echo "$step/params/"
+    if [ -f "$FAKE/committed" ]; then echo "$step/commit_success.txt"; fi ;;
+  "storage "*) exit 1 ;; # another object: not there
 esac
 """
 
 
 @pytest.mark.parametrize(
-    "state,status,wanted",
+    "state,status,before,extra,wanted",
     [
         (
             "PREEMPTED",
             "",
+            [],
+            "",
             # babysit, delete.sh and create.sh look; delete; create.sh waits for READY; setup.sh; launch.sh
             ["describe", "describe", "delete", "describe", "list", "create", "describe", "scp", "ssh", "ssh", "ssh"],
         ),
-        ("READY", "exited 1", ["describe", "ssh", "ssh", "scp", "ssh", "ssh", "ssh"]),  # status, stop, setup, launch
-        ("READY", "stopped", ["describe", "ssh"]),
+        (
+            "READY",
+            "exited 1",
+            [],
+            "",
+            ["describe", "ssh", "ssh", "scp", "ssh", "ssh", "ssh"],
+        ),  # status, stop, setup, launch
+        ("READY", "exited 1", [], "USE_GCSFUSE=true", ["describe", "ssh", "ssh", "scp", "ssh", "ssh", "ssh"]),
+        # on gs:// the last step, written but without commit_success.txt, is an unfinished save: relaunch
+        ("READY", "exited 1", ["config", "saved"], "", ["describe", "ssh", "ssh", "scp", "ssh", "ssh", "ssh"]),
+        ("READY", "running", ["config", "saved", "committed"], "", []),  # finished before looking at the slice
+        ("READY", "running", ["config", "saved"], "USE_GCSFUSE=true", []),  # through the mount: renamed, complete
+        ("READY", "stopped", [], "", ["describe", "ssh"]),
+        ("READY", "exited 2", [], "", ["describe", "ssh"]),  # bad input: a relaunch would fail the same way
     ],
 )
-def test_babysit_recovers_then_ends(env_file, tmp_path, state, status, wanted):
+def test_babysit_recovers_then_ends(env_file, tmp_path, state, status, before, extra, wanted):
     """Not a dry run: babysit.sh against a fake gcloud, until the run is finished or was stopped."""
     fake = tmp_path / "fake"
     fake.mkdir()
     (fake / "state").write_text(f"{state}\n")
     (fake / "status").write_text(f"{status}\n")
+    for name in before:
+        (fake / name).touch()
     (fake / "gcloud").write_text(FAKE_GCLOUD)
     (fake / "gcloud").chmod(0o755)
     env = dict(os.environ, FAKE=str(fake), PATH=f"{fake}:{os.environ['PATH']}", TMPDIR=str(tmp_path))
-    extra = "BABYSIT_INTERVAL_S=1\nPOLL_S=1\nRETRY_DELAY_S=1"
+    extra = f"BABYSIT_INTERVAL_S=1\nPOLL_S=1\nRETRY_DELAY_S=1\n{extra}"
     result = subprocess.run(
         [str(TPU_SETUP / "babysit.sh"), "--env", str(env_file(extra=extra))],
         capture_output=True,
@@ -267,12 +367,27 @@ def test_babysit_recovers_then_ends(env_file, tmp_path, state, status, wanted):
         env=env,
         timeout=60,
     )
-    assert result.returncode == 0, result.stderr
-    calls = [call for call in (fake / "calls").read_text().splitlines() if not call.startswith("storage")]
+    assert result.returncode == (2 if status == "exited 2" else 0), result.stderr
+    all_calls = (fake / "calls").read_text().splitlines()
+    calls = [call for call in all_calls if not call.startswith("storage")]
     verbs = ("describe", "list", "delete", "create", "scp", "ssh")
     assert [next(verb for verb in verbs if f" {verb} " in call) for call in calls] == wanted
+    storage = {call for call in all_calls if call.startswith("storage")}
+    assert storage <= {"storage cat gs://dj-bucket/runs/run-42/config.json", "storage ls " + CHECKPOINT_10}
     if status == "stopped":
         assert "was stopped with stop.sh; babysit ends" in result.stderr
+    elif status == "exited 2":
+        assert result.stderr.startswith("tpu_setup/babysit.sh: watching dj-pod")
+        assert result.stderr.splitlines()[-1] == (
+            "tpu_setup/babysit.sh: error: train.py on worker 0 refused its input (exit code 2; tpu_setup/logs.sh "
+            "shows why): fix it, then launch.sh and babysit.sh again"
+        )
     else:
-        assert "run.sh start run-42" in calls[-1] and "--worker=all" in calls[-1]
+        if wanted:
+            assert "run.sh start run-42" in calls[-1] and "--worker=all" in calls[-1]
+            assert ("--mount /mnt/gcs" in calls[-1]) == ("USE_GCSFUSE=true" in extra)
+        assert "storage ls " + CHECKPOINT_10 in storage
         assert "has its final checkpoint in gs://dj-bucket/runs/run-42: done" in result.stderr
+
+
+CHECKPOINT_10 = "gs://dj-bucket/runs/run-42/checkpoints/10/"

@@ -11,25 +11,19 @@ import sys
 import time
 from pathlib import Path
 
+import grain
 import numpy as np
 import pytest
 from conftest import REPO, free_port, save_run
+from conftest import SHORT_RUN as RUN
+from conftest import SHORT_RUN_STEPS as STEPS
 
-from diffjax.config import ConfigError
-from diffjax.train.checkpoint import check_shapes, find_checkpoint
+from diffjax.cli import RunFailure
+from diffjax.config import ConfigError, load_config_file
+from diffjax.parallel.mesh import make_mesh
+from diffjax.train.checkpoint import RunCheckpoints, check_shapes, find_checkpoint, run_metadata
+from diffjax.train.state import create_state, make_trainer
 
-STEPS = 12
-RUN = [  # the default model (0.84M parameters) on small batches: ~0.2 s a step, long enough to interrupt
-    f"--config.total_steps={STEPS}",
-    "--config.warmup_steps=2",
-    "--config.checkpoint_every_steps=5",
-    "--config.log_every_steps=1",
-    "--config.eval_every_steps=0",
-    "--config.eval_batches=2",
-    "--config.batch_size=8",
-    "--config.seq_len=128",
-    "--config.sample_tokens=0",
-]
 EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
 
@@ -289,3 +283,35 @@ def test_check_shapes_names_the_first_mismatch():
 def test_retention_keeps_the_latest_and_every_keep_period_th_step(tmp_path):
     save_run(tmp_path, list(range(1, 10)), keep_checkpoints=2, keep_period=4)
     assert checkpoint_steps(tmp_path) == [4, 8, 9]
+
+
+def test_a_failed_save_names_its_step_and_the_checkpoint_left_whole(tmp_path, monkeypatch):
+    """Orbax reports an asynchronous write's failure at the next save or wait: named as that write's step."""
+    config = load_config_file(REPO / "configs" / "tiny.py")
+    config.model.update(emb_dim=32, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=64)
+    mesh = make_mesh((1, -1, 1))
+    trainer = make_trainer(config, mesh)
+    state = create_state(config, trainer)
+    checkpoints = RunCheckpoints(tmp_path, config, run_metadata(config, mesh))
+    data = iter(grain.MapDataset.range(4).to_iter_dataset())
+    checkpoints.save(5, state, data)
+    checkpoints.wait()
+
+    def unreachable(*args, **kwargs):
+        raise OSError("Connection refused\nsecond line")
+
+    monkeypatch.setattr(checkpoints.manager, "save", unreachable)
+    with pytest.raises(RunFailure) as failed:
+        checkpoints.save(10, state, data)
+    assert str(failed.value).startswith(f"saving the checkpoint of step 10 to {tmp_path / 'checkpoints'} failed ")
+    assert "(Connection refused); step 5 is the latest complete checkpoint: run the same command again" in str(
+        failed.value
+    )
+    monkeypatch.undo()
+
+    checkpoints.save(10, state, data)  # in flight when the next save finds it failed
+    monkeypatch.setattr(checkpoints.manager, "check_for_errors", unreachable)
+    with pytest.raises(RunFailure, match=r"^saving the checkpoint of step 10 to .* step 5 is the latest complete"):
+        checkpoints.save(15, state, data)
+    monkeypatch.undo()
+    checkpoints.close()

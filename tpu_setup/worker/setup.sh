@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One worker's setup, run over ssh by tpu_setup/setup.sh from the synced code directory: a venv with
-# diffjax[tpu] at the versions pinned in tpu_setup/constraints.txt, and the bucket mounted with gcsfuse.
+# diffjax[tpu,gcs] at the versions pinned in tpu_setup/constraints.txt (gcs: train.py reads and writes
+# gs:// itself), and only when --bucket is given (USE_GCSFUSE=true) the bucket mounted with gcsfuse.
 # Running it again redoes nothing that is done (and remounts a bucket lost to a reboot).
 #
 #   tpu_setup/worker/setup.sh --python python3.11 [--bucket NAME --mount-dir DIR [-- GCSFUSE_FLAGS...]]
@@ -35,7 +36,7 @@ if ! command -v "$python" >/dev/null; then
 fi
 [[ -x .venv/bin/python ]] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -c tpu_setup/constraints.txt -e ".[tpu]"
+.venv/bin/python -m pip install -q -c tpu_setup/constraints.txt -e ".[tpu,gcs]"
 say "venv ready: $(.venv/bin/python -c 'import jax; print("jax", jax.__version__)')"
 
 [[ -n $bucket ]] || exit 0

@@ -1,11 +1,11 @@
 """What every evaluation task receives and returns, so the CLI can run any of them the same way."""
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
+from etils import epath
 
 from diffjax.data.tokenizer import Tokenizer
 from diffjax.evaluate.generate import GREEDY, Sampling
@@ -63,7 +63,7 @@ class EvalContext:
     config: ml_collections.ConfigDict
     tokenizer: Tokenizer
     options: EvalOptions
-    out: Path
+    out: epath.Path  # a local scratch directory, moved into place when every task is done
     run_name: str
 
     def title(self, what: str) -> str:
