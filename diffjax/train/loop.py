@@ -234,7 +234,9 @@ def check_storage(config: ml_collections.ConfigDict) -> None:
         files.check_access(config.compilation_cache_dir, "compilation_cache_dir", write=True)
     if config.data.tokenizer != "byte":
         files.check_access(config.data.tokenizer, "data.tokenizer")
-    files.check_access(config.data.data_dir, "data.data_dir", write=True)  # our datasets are built into it
+    files.check_access(config.data.data_dir, "data.data_dir")  # often a shared, read-only bucket
+    for pattern in filter(None, (p.strip() for p in config.data.files.split(","))):
+        files.check_access(pattern, "data.files")
 
 
 def check_finite(config: ml_collections.ConfigDict, step: int, metrics: dict[str, jax.Array]) -> None:
