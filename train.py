@@ -5,6 +5,9 @@
     python train.py --config=configs/tiny.py:standard --config.total_steps=100 --config.model.num_layers=2
     python train.py --config=configs/paper_830m.py --print_config   # every key, its value and meaning; exits
 
+On CPU the run uses one XLA device per core, as many as the mesh and batch allow (`JAX_NUM_CPU_DEVICES` or
+`XLA_FLAGS=--xla_force_host_platform_device_count=N` choose another count).
+
 Bad input (unknown key, wrong type, invalid value) ends with one `train.py: error: ...` line and exit code 2.
 """
 
@@ -34,8 +37,10 @@ def main(argv: list[str]) -> None:
 
         print(describe(compile_for_topology(config)))
         return
+    from diffjax.parallel.mesh import use_cpu_cores
     from diffjax.train.loop import run
 
+    use_cpu_cores(config.mesh.shape, config.batch_size // config.grad_accum_steps)
     run(config)
 
 

@@ -12,6 +12,8 @@ import termios
 import pytest
 from conftest import REPO
 
+from diffjax.parallel.mesh import cpu_device_count
+
 
 @pytest.mark.slow
 def test_train_cli_trains_evaluates_logs_and_samples(tmp_path):
@@ -53,6 +55,8 @@ def test_train_cli_trains_evaluates_logs_and_samples(tmp_path):
     assert json.loads((workdir / "config.json").read_text())["total_steps"] == 30
     assert "validation loss" in result.stdout and "sample: 'The " in result.stdout
     assert "train step per device: arguments" in result.stdout  # the compiled step's memory analysis
+    cores = len(os.sched_getaffinity(0))
+    assert f"over {cpu_device_count((1, -1, 1), 8, cores)} cpu devices" in result.stdout  # a device per core
     assert list((workdir / "profile").rglob("*.xplane.pb"))  # the jax.profiler trace of steps 3-4
     assert {"param_norm", "step_time_s", "tokens_per_s_per_device", "tflops_per_device", "mfu"} <= records[0].keys()
 

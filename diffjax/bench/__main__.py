@@ -34,6 +34,7 @@ from absl import flags
 from diffjax.bench.timing import run_alternating
 from diffjax.cli import UsageError, run_main
 from diffjax.evaluate.results import format_table
+from diffjax.parallel.mesh import use_cpu_cores
 
 BENCHMARKS = ("data", "train_step", "kernels", "accelerator", "harness", "checkpoint")
 _BATCHES = flags.DEFINE_integer("batches", 500, "data: batches to time.")
@@ -122,7 +123,7 @@ def bench_train_step() -> None:
     bench.bench_config(shape)  # a bad shape fails here, before anything is built
     steps = {}
     if not _HF_ONLY.value:
-        bench.use_cpu_cores_as_devices()
+        use_cpu_cores((-1, 1, 1), shape.batch_size)  # data-parallel over the cores (before the backend starts)
         steps["diffjax"] = bench.diffjax_step(shape)
     if _COMPARE_HF.value or _HF_ONLY.value:
         from diffjax.bench.hf import hf_step

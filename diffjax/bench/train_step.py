@@ -6,7 +6,6 @@ throughput does not depend on the text.
 """
 
 import math
-import os
 import resource
 import statistics
 from collections.abc import Callable
@@ -56,13 +55,6 @@ def bench_config(shape: Shape) -> ml_collections.ConfigDict:
     )
     validate(config)
     return config
-
-
-def use_cpu_cores_as_devices() -> None:
-    """On CPU, one XLA device per core (before the backend starts), so that `diffjax_step` can split the batch
-    across the cores: data parallelism keeps both cores busy where one device's many small ops (the blockwise
-    tiles) would run mostly on one thread. A GPU/TPU backend ignores the setting."""
-    jax.config.update("jax_num_cpu_devices", len(os.sched_getaffinity(0)))
 
 
 def data_parallel_devices(batch_size: int) -> int:

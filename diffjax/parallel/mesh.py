@@ -31,6 +31,31 @@ def resolve_shape(shape: Sequence[int], num_devices: int, key: str = "mesh.shape
     return shape
 
 
+def cpu_device_count(shape: Sequence[int], batch_size: int, cores: int) -> int:
+    """The most devices, up to one per core, that mesh `shape` can use with whole rows of a `batch_size`
+    batch on each (the batch is split over `data` x `fsdp`); 1 when none fits."""
+    fits = [1]
+    for count in range(2, cores + 1):
+        try:
+            data, fsdp, _ = resolve_shape(shape, count)
+        except ConfigError:
+            continue
+        if batch_size % (data * fsdp) == 0:
+            fits.append(count)
+    return fits[-1]
+
+
+def use_cpu_cores(shape: Sequence[int], batch_size: int) -> None:
+    """Before any backend starts, give the CPU backend `cpu_device_count` devices (a GPU/TPU backend ignores
+    the setting). One device runs a training step's many small ops mostly on one thread; a device per core
+    splits the batch between the cores (docs/benchmarks.md). A count chosen already
+    (`XLA_FLAGS=--xla_force_host_platform_device_count=N`, `JAX_NUM_CPU_DEVICES`) is left alone."""
+    chosen = "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+    if not chosen and not os.environ.get("JAX_NUM_CPU_DEVICES"):
+        count = cpu_device_count(shape, batch_size, len(os.sched_getaffinity(0)))
+        jax.config.update("jax_num_cpu_devices", count)
+
+
 def make_mesh(shape: Sequence[int], dcn_shape: Sequence[int] = (1, 1, 1), devices: Sequence | None = None) -> Mesh:
     """A mesh with Auto axis types (GSPMD propagates shardings between our explicit annotations).
 

@@ -2,7 +2,7 @@ import jax
 import pytest
 
 from diffjax.config import ConfigError
-from diffjax.parallel.mesh import initialize_distributed, make_mesh, resolve_shape
+from diffjax.parallel.mesh import cpu_device_count, initialize_distributed, make_mesh, resolve_shape
 from diffjax.parallel.sharding import DEFAULT_RULES, logical_spec
 
 
@@ -56,3 +56,20 @@ def test_detected_clusters_join_through_jax_auto_detection(monkeypatch, env, joi
     monkeypatch.setattr(jax.config, "update", lambda *args: None)
     initialize_distributed()
     assert calls == ([{"initialization_timeout": 300}] if joins else [])
+
+
+@pytest.mark.parametrize(
+    "shape, batch, cores, count",
+    [
+        ((1, -1, 1), 16, 2, 2),  # the default: a device per core
+        ((1, -1, 1), 16, 1, 1),
+        ((1, -1, 1), 12, 8, 6),  # as many as split the batch into whole rows
+        ((1, -1, 1), 7, 4, 1),
+        ((-1, 1, 2), 8, 8, 8),  # tensor-parallel devices share rows: 4 x 2
+        ((-1, 1, 2), 8, 3, 2),  # a multiple of the fixed axis
+        ((1, 1, 1), 16, 2, 1),  # a fixed shape keeps its device count
+        ((2, 2, 2), 16, 2, 1),  # more than the cores: left to make_mesh to refuse
+    ],
+)
+def test_cpu_device_count_is_the_most_devices_the_mesh_and_batch_can_use(shape, batch, cores, count):
+    assert cpu_device_count(shape, batch, cores) == count
