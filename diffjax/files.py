@@ -41,7 +41,7 @@ def _require_gcsfs() -> None:
         import gcsfs  # noqa: F401
     except ImportError:
         raise ConfigError(
-            "gs:// paths need the gcs extra: pip install -e '.[gcs]' (gcsfs and google-cloud-storage)"
+            "gs:// paths need the gcs extra: pip install -e '.[gcs]' (gcsfs and google-auth)"
         ) from None
     # gcsfs logs a traceback when it gives up retrying; the error then reaches the user as one line from us.
     logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
