@@ -40,9 +40,7 @@ def _require_gcsfs() -> None:
     try:
         import gcsfs  # noqa: F401
     except ImportError:
-        raise ConfigError(
-            "gs:// paths need the gcs extra: pip install -e '.[gcs]' (gcsfs and google-auth)"
-        ) from None
+        raise ConfigError("gs:// paths need the gcs extra: pip install -e '.[gcs]' (gcsfs and google-auth)") from None
     # gcsfs logs a traceback when it gives up retrying; the error then reaches the user as one line from us.
     logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
 
