@@ -120,6 +120,7 @@ def base_config() -> ml_collections.ConfigDict:
             attention_impl="auto",
             attention_block_q=0,
             attention_block_k=0,
+            vocab_multiple=128,
         )
     )
     return config
@@ -206,6 +207,8 @@ KEY_HELP = {
     "model.attention_impl": "attention core: auto, reference, blockwise or pallas (diffjax.ops.dispatch)",
     "model.attention_block_q": "query tile, a power of two (0: the core's default: blockwise 128, pallas per chip)",
     "model.attention_block_k": "key tile, a power of two (0: the core's default: blockwise 128, pallas per chip)",
+    "model.vocab_multiple": "embedding/LM-head rows are vocab_size rounded up to a multiple of this; the extra "
+    "rows stay zero and their logits are masked (1: no padding)",
 }
 
 
@@ -309,6 +312,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("model.num_heads", model.num_heads),
         ("model.num_kv_heads", model.num_kv_heads),
         ("model.mlp_dim", model.mlp_dim),
+        ("model.vocab_multiple", model.vocab_multiple),
     ]:
         if value <= 0:
             _fail(f"{key}={value} must be a positive integer")

@@ -38,6 +38,7 @@ BAD_VALUES = [
     ({"lr_schedule": "step"}, r"lr_schedule='step' is unknown"),
     ({"adam_b2": 1.0}, r"adam_b2=1\.0 must lie in \[0, 1\)"),
     ({"batch_size": 0}, r"batch_size=0 must be a positive integer"),
+    ({"model.vocab_multiple": 0}, r"model\.vocab_multiple=0 must be a positive integer"),
 ]
 
 

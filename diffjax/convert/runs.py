@@ -62,7 +62,8 @@ def export_run(
         raise ConversionError(f"--dtype={dtype!r} is unknown; choose one of {list(DTYPES)}")
     out = files.path(out)
     model, config = load_model(workdir, step)
-    cfg, params = model_config(config), flat_params(model.params)
+    cfg = model_config(config)
+    params = flat_params(model.params, cfg)
     tokenizer = run_tokenizer(config.data.tokenizer) if fmt == "hf" else None
     with staged(out, last="config.json") as directory:  # what transformers reads first
         if fmt == "hf":
@@ -117,7 +118,7 @@ def import_run(source: files.PathLike, out: files.PathLike, fmt: str = "hf") -> 
         raise ConversionError(f"{source} is not a directory")
     cfg, params = IMPORTERS[fmt](source)
     config = run_config(cfg, out)
-    state = to_state(params, cfg)
+    state = to_state(params, model_config(config))  # the run's layout: its vocabulary padding
     with staged(out, last="config.py") as directory:
         imported = import_tokenizer(source, directory) if fmt == "hf" else None
         if imported:  # the tokenizer travels with the model; the byte tokenizer otherwise

@@ -26,7 +26,8 @@ from diffjax.train.checkpoint import find_checkpoint, read_metadata, restore_par
 
 @functools.partial(jax.jit, static_argnums=0)
 def _logits(graphdef: nnx.GraphDef, params: nnx.State, tokens, positions, segment_ids) -> jax.Array:
-    return nnx.merge(graphdef, params)(tokens, positions, segment_ids).astype(jnp.float32)
+    model = nnx.merge(graphdef, params)
+    return model(tokens, positions, segment_ids)[..., : model.cfg.vocab_size].astype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)

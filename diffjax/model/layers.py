@@ -23,7 +23,13 @@ def param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
 
 
 def dense(
-    cfg: ModelConfig, in_features: int, out_features: int, axes: tuple[str | None, str | None], *, rngs: nnx.Rngs
+    cfg: ModelConfig,
+    in_features: int,
+    out_features: int,
+    axes: tuple[str | None, str | None],
+    *,
+    rngs: nnx.Rngs,
+    init: nnx.Initializer | None = None,
 ) -> nnx.Linear:
     """Bias-free projection with the model's dtypes and N(0, init_std) init (as Hugging Face initialises)."""
     return nnx.Linear(
@@ -32,7 +38,7 @@ def dense(
         use_bias=False,
         dtype=cfg.dtype,
         param_dtype=cfg.param_dtype,
-        kernel_init=logical(nnx.initializers.normal(cfg.init_std), axes),
+        kernel_init=logical(init or nnx.initializers.normal(cfg.init_std), axes),
         rngs=rngs,
     )
 

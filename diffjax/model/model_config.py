@@ -42,6 +42,14 @@ class ModelConfig:
     attention_impl: AttentionImpl = "auto"  # the attention core (diffjax.ops.dispatch)
     attention_block_q: int = 0  # query/key tile sizes of the attention core (0: its default)
     attention_block_k: int = 0
+    # Embedding and LM-head rows: vocab_size rounded up to a multiple of this. The extra rows stay zero and
+    # their logits are masked, so they change nothing but shapes (1: none; train.py's configs use 128).
+    vocab_multiple: int = 1
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and the LM head: `vocab_size` rounded up to a multiple of `vocab_multiple`."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     @property
     def head_dim(self) -> int:

@@ -82,11 +82,11 @@ class DiffTransformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = nnx.Embed(
-            cfg.vocab_size,
+            cfg.padded_vocab_size,
             cfg.emb_dim,
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
-            embedding_init=logical(nnx.initializers.normal(cfg.init_std), ("vocab", "embed")),
+            embedding_init=logical(vocab_rows_init(cfg, axis=0), ("vocab", "embed")),
             rngs=rngs,
         )
 
@@ -98,7 +98,11 @@ class DiffTransformer(nnx.Module):
         self.blocks = stacked_blocks(rngs)
         self.final_norm = RMSNorm(cfg.emb_dim, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
         self.lm_head = (
-            None if cfg.tie_embeddings else dense(cfg, cfg.emb_dim, cfg.vocab_size, ("embed", "vocab"), rngs=rngs)
+            None
+            if cfg.tie_embeddings
+            else dense(
+                cfg, cfg.emb_dim, cfg.padded_vocab_size, ("embed", "vocab"), rngs=rngs, init=vocab_rows_init(cfg, 1)
+            )
         )
 
     def layer_constants(self) -> LayerConstants:
@@ -114,7 +118,7 @@ class DiffTransformer(nnx.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
     ) -> jax.Array:
-        """int `[B, T]` tokens -> `[B, T, vocab]` logits in the activation dtype.
+        """int `[B, T]` tokens -> `[B, T, padded_vocab_size]` logits in the activation dtype (padding masked).
 
         `positions` (default `0..T-1`) feed RoPE; `segment_ids` (0 = padding) keep packed documents
         from attending to each other.
@@ -158,9 +162,16 @@ class DiffTransformer(nnx.Module):
         return run_layers(self.embed(tokens), self.blocks, self.layer_constants())[1]
 
     def logits(self, x: jax.Array) -> jax.Array:
-        """Final norm and LM head: `[B, T, E]` hidden states -> `[B, T, vocab]` logits."""
+        """Final norm and LM head: `[B, T, E]` hidden states -> `[B, T, padded_vocab_size]` logits.
+
+        The padding's logits are the dtype's lowest value: zero probability in the loss and in sampling, and
+        no gradient, so a padded model computes what the unpadded one does (up to summation order).
+        """
         x = self.final_norm(x)
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+        if self.cfg.padded_vocab_size > self.cfg.vocab_size:
+            real = jnp.arange(self.cfg.padded_vocab_size) < self.cfg.vocab_size
+            logits = jnp.where(real, logits, jnp.finfo(logits.dtype).min)
         return constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
     def init_cache(self, batch: int, length: int) -> KVCache:
@@ -188,6 +199,25 @@ class DiffTransformer(nnx.Module):
         layers = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
         x, cache = run_layers((self.embed(tokens), cache), self.blocks, self.layer_constants(), layers)
         return self.logits(x), cache
+
+
+def vocab_rows_init(cfg: ModelConfig, axis: int) -> nnx.Initializer:
+    """N(0, init_std) over the real vocabulary along `axis` (the draw an unpadded model makes), zeros in the
+    padding: rows that are never looked up and whose logits are masked get no gradient and stay zero."""
+    normal = nnx.initializers.normal(cfg.init_std)
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype = jnp.float32) -> jax.Array:
+        real, padding = list(shape), [(0, 0)] * len(shape)
+        real[axis], padding[axis] = cfg.vocab_size, (0, shape[axis] - cfg.vocab_size)
+        return jnp.pad(normal(key, tuple(real), dtype), padding)
+
+    return init
+
+
+def parameter_count(params: nnx.State, cfg: ModelConfig) -> int:
+    """The model's parameters, not counting the zero rows that pad its vocabulary."""
+    padding = (cfg.padded_vocab_size - cfg.vocab_size) * cfg.emb_dim * (1 if cfg.tie_embeddings else 2)
+    return sum(x.size for x in jax.tree.leaves(params)) - padding
 
 
 def _default_positions(tokens: jax.Array, positions: jax.Array | None) -> jax.Array:

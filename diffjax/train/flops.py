@@ -37,7 +37,7 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     out = e if cfg.attention_type != "diff_v2" else cfg.num_heads * cfg.head_dim
     extra = cfg.num_heads if cfg.attention_type == "diff_v2" else 0
     per_layer = e * e + 2 * e * kv + out * e + e * extra + 3 * e * f
-    matmul_weights = layers * per_layer + cfg.vocab_size * e  # the LM head; the embedding lookup is free
+    matmul_weights = layers * per_layer + cfg.padded_vocab_size * e  # the LM head as computed, padding included
     attention = {"diff": 6, "standard": 4, "diff_v2": 4}[cfg.attention_type] * seq_len * e * layers
     return 6.0 * matmul_weights + 3.0 * attention / 2
 

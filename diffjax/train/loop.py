@@ -16,6 +16,7 @@ from diffjax.config import ConfigError, check_tokenizer, model_config, validate
 from diffjax.data.pipeline import Batch, eval_batches, make_dataset
 from diffjax.data.tokenizer import load_tokenizer
 from diffjax.evaluate.generate import encode_prompt, generate
+from diffjax.model import parameter_count
 from diffjax.parallel.mesh import initialize_distributed, make_mesh
 from diffjax.train.checkpoint import RunCheckpoints, find_checkpoint, restore_params, run_metadata
 from diffjax.train.flops import peak_tflops, training_flops_per_token
@@ -86,7 +87,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, float]:
             state = create_state(config, trainer)
         if main_process:
             files.write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2))
-        num_params = sum(x.size for x in jax.tree.leaves(state.params))
+        num_params = parameter_count(state.params, model_config(config))
         log(
             f"model: {num_params / 1e6:.2f}M parameters, {config.model.attention_type} attention, "
             f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, workdir {workdir}"

@@ -69,9 +69,11 @@ def check_divisible(shapes: nnx.State, shardings: nnx.State) -> None:
             ways = axis_size(sharding.mesh, axes)
             if size % ways:
                 name = jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value")
+                vocab = name in ("embed/embedding", "lm_head/kernel")
+                what = f"model.vocab_multiple a multiple of {ways}" if vocab else f"it a multiple of {ways}"
                 raise ConfigError(
                     f"parameter {name} has a dimension of {size} that does not split {ways} ways over mesh axes "
-                    f"{axes}; make it a multiple of {ways} (e.g. model.vocab_size), or change mesh.shape"
+                    f"{axes}; make {what}, or change mesh.shape"
                 )
 
 

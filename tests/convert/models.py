@@ -22,6 +22,7 @@ CASES = {
     "gqa2_untied_nogain": dict(num_kv_heads=1, tie_embeddings=False, subln_affine=False),
     "gqa4_tied_gain": dict(emb_dim=64, num_heads=4, num_kv_heads=1),
     "standard_untied": dict(attention_type="standard", num_kv_heads=1, tie_embeddings=False),
+    "mha_untied_padded": dict(tie_embeddings=False, vocab_multiple=128),  # 96 rows padded to 128, in no format
 }
 
 
@@ -53,7 +54,8 @@ def greedy(cfg: ModelConfig, params: dict[str, np.ndarray], prompts: np.ndarray,
 
 @functools.partial(jax.jit, static_argnums=0)
 def _logits(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array) -> jax.Array:
-    return nnx.merge(graphdef, state)(tokens).astype(jnp.float32)
+    model = nnx.merge(graphdef, state)
+    return model(tokens)[..., : model.cfg.vocab_size].astype(jnp.float32)
 
 
 def split_model(cfg: ModelConfig, params: dict[str, np.ndarray]) -> tuple[nnx.GraphDef, nnx.State]:

@@ -55,7 +55,9 @@ def test_an_imported_run_is_the_exported_one_and_fine_tuning_starts_from_it(run,
     trainer = make_trainer(file_config, make_mesh((1, -1, 1)))
     directory, step = find_checkpoint(file_config.init_from, trainer.abstract_state.params)
     restored = restore_params(directory, step, trainer.abstract_state.params)
-    assert_same_params(flat_params(restored), flat_params(model.params))
+    cfg = model_config(file_config)
+    assert cfg.padded_vocab_size == 384  # imported into the run's padded layout
+    assert_same_params(flat_params(restored, cfg), flat_params(model.params, cfg))
 
 
 MIXED_TEXT = "naïve café — 東京 🐍🎉 👩‍👩‍👧\n\tdef f(x):  return x ** 2  # 12345 \x00"
@@ -137,7 +139,8 @@ def test_microsoft_round_trip_of_a_run_is_bit_exact_and_keeps_the_gain(run, tmp_
     imported, config = diffjax.load_model(import_run(tmp_path / "ms", tmp_path / "back", "microsoft"))
     original, original_config = diffjax.load_model(workdir)
     assert config.model.to_dict() == original_config.model.to_dict()
-    assert_same_params(flat_params(imported.params), flat_params(original.params))
+    cfg = model_config(config)
+    assert_same_params(flat_params(imported.params, cfg), flat_params(original.params, cfg))
 
 
 def _hf_copy(hf, tmp_path, **changes):

@@ -8,7 +8,7 @@ from conftest import REPO, load_config
 from flax import nnx
 
 from diffjax.config import model_config
-from diffjax.model import DiffTransformer
+from diffjax.model import DiffTransformer, parameter_count
 from diffjax.train.step import loss_and_count
 
 ATTENTION_TYPES = ["diff", "diff_v2", "standard"]
@@ -53,7 +53,7 @@ PAPER_SIZES = {"paper_830m": 830e6, "paper_1_4b": 1.4e9, "paper_2_8b": 2.8e9, "p
 def _count_parameters(config_name: str, attention_type: str = "diff") -> int:
     cfg = model_config(load_config(REPO / "configs" / f"{config_name}.py", attention_type))
     abstract = nnx.eval_shape(lambda: DiffTransformer(cfg, rngs=nnx.Rngs(0)))
-    return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    return parameter_count(nnx.state(abstract, nnx.Param), cfg)
 
 
 @pytest.mark.parametrize("name", PAPER_SIZES)
@@ -62,6 +62,35 @@ def test_paper_parameter_counts_match_their_names(name):
     assert abs(count - PAPER_SIZES[name]) / PAPER_SIZES[name] < 0.03, count
     # The matched baseline has the same count up to the lambda vectors and per-head norm gains.
     assert abs(_count_parameters(name, "standard") - count) / count < 1e-4
+
+
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_vocabulary_padding_changes_shapes_and_nothing_else(tiny_model_config, tie_embeddings):
+    plain = dataclasses.replace(tiny_model_config, vocab_size=259, tie_embeddings=tie_embeddings)
+    padded = dataclasses.replace(plain, vocab_multiple=128)
+    assert padded.padded_vocab_size == 384 and plain.padded_vocab_size == 259
+    batch = _batch(259)
+    outputs = {}
+    for cfg in (plain, padded):
+        graphdef, params = nnx.split(DiffTransformer(cfg, rngs=nnx.Rngs(0)))
+        loss, grads = jax.value_and_grad(lambda p, g=graphdef: loss_and_count(p, g, batch)[0])(params)
+        logits = nnx.merge(graphdef, params)(batch["inputs"], batch["positions"], batch["segment_ids"])
+        outputs[cfg.vocab_multiple] = (params, grads, loss, logits, parameter_count(params, cfg))
+    params, grads, loss, logits, count = outputs[128]
+    plain_params, _, plain_loss, plain_logits, plain_count = outputs[1]
+    assert logits.shape[-1] == 384 and count == plain_count
+    np.testing.assert_allclose(logits[..., :259], plain_logits, rtol=0, atol=1e-6)
+    assert np.all(np.asarray(logits[..., 259:]) == np.finfo(np.float32).min)  # probability 0, never sampled
+    np.testing.assert_allclose(loss, plain_loss, rtol=1e-6)
+    vocab = {"embedding": (params["embed"]["embedding"], grads["embed"]["embedding"], 0)}
+    if not tie_embeddings:
+        vocab["lm_head"] = (params["lm_head"]["kernel"], grads["lm_head"]["kernel"], 1)
+    for name, (value, grad, axis) in vocab.items():
+        real = np.take(np.asarray(value), np.arange(259), axis=axis)
+        expected = plain_params["embed"]["embedding"] if name == "embedding" else plain_params["lm_head"]["kernel"]
+        np.testing.assert_array_equal(real, expected, err_msg=name)  # the unpadded model's draw
+        assert not np.any(np.take(np.asarray(value), np.arange(259, 384), axis=axis)), name  # zero rows
+        assert not np.any(np.take(np.asarray(grad), np.arange(259, 384), axis=axis)), name  # that get no gradient
 
 
 def test_paper_3b_follows_table_9_literally():

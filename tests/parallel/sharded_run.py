@@ -27,7 +27,7 @@ STEPS = 5
 
 def small_config():
     config = load_config(REPO / "configs" / "tiny.py")
-    config.model.update(emb_dim=64, num_layers=2, num_heads=2, num_kv_heads=2, mlp_dim=128, vocab_size=260)
+    config.model.update(emb_dim=64, num_layers=2, num_heads=2, num_kv_heads=2, mlp_dim=128, vocab_size=259)
     config.update(batch_size=8, seq_len=32, warmup_steps=1, total_steps=STEPS)
     return config
 

@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, free_port
+from conftest import REPO, SHORT_RUN, free_port
 
 SCRIPT = REPO / "tests" / "parallel" / "sharded_run.py"
 
@@ -65,17 +65,31 @@ def test_two_processes_on_localhost_agree_with_one(sharded_results, tmp_path):
     np.testing.assert_allclose(losses, sharded_results["(1, 1, 1)"]["losses"][:3], rtol=1e-4)
 
 
-def test_a_parameter_that_cannot_split_over_its_mesh_axes_is_a_one_line_error(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "train.py", f"--config.workdir={tmp_path / 'run'}", "--config.mesh.shape=(2,2,2)"],
+def _train(workdir, *flags: str) -> subprocess.CompletedProcess:
+    """train.py on 8 XLA CPU devices."""
+    return subprocess.run(
+        [sys.executable, "train.py", f"--config.workdir={workdir}", *flags],
         cwd=REPO,
         capture_output=True,
         text=True,
         env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
     )
+
+
+def test_the_default_model_trains_on_a_2x2x2_mesh(tmp_path):
+    """The byte vocabulary's 259 ids are 384 embedding rows (model.vocab_multiple=128): they split over `tensor`."""
+    flags = [flag for flag in SHORT_RUN if not flag.startswith("--config.total_steps")]
+    result = _train(tmp_path / "run", "--config.mesh.shape=(2,2,2)", "--config.total_steps=2", *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2} over 8 cpu devices" in result.stdout
+    assert "done at step 2 of 2" in result.stdout
+
+
+def test_a_parameter_that_cannot_split_over_its_mesh_axes_is_a_one_line_error(tmp_path):
+    result = _train(tmp_path / "run", "--config.mesh.shape=(2,2,2)", "--config.model.vocab_multiple=1")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         "train.py: error: parameter embed/embedding has a dimension of 259 that does not split 2 ways over mesh "
-        "axes tensor; make it a multiple of 2 (e.g. model.vocab_size), or change mesh.shape"
+        "axes tensor; make model.vocab_multiple a multiple of 2, or change mesh.shape"
     )
     assert not (tmp_path / "run").exists()

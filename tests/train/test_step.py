@@ -83,6 +83,39 @@ def test_train_steps_with_a_fast_core_follow_the_reference_core(impl, dtype):
     np.testing.assert_allclose(_packed_trajectory(impl, dtype), _packed_trajectory("reference", dtype), rtol=tolerance)
 
 
+def test_a_padded_vocabulary_trains_like_an_unpadded_one():
+    """10 AdamW steps with weight decay: the same losses and norms, and the padding rows stay exactly zero."""
+    trajectories, embeddings = {}, {}
+    for multiple in (1, 128):
+        config = _tiny_config()
+        config.update(weight_decay=0.1, total_steps=10, warmup_steps=2)
+        config.model.update(vocab_multiple=multiple, tie_embeddings=False)
+        trainer = make_trainer(config, make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+        state = create_state(config, trainer)
+        rng = np.random.default_rng(0)
+        values = []
+        for _ in range(config.total_steps):
+            tokens = rng.integers(0, 259, (config.batch_size, config.seq_len + 1)).astype(np.int32)
+            batch = {
+                "inputs": tokens[:, :-1],
+                "targets": tokens[:, 1:],
+                "segment_ids": np.ones((config.batch_size, config.seq_len), np.int32),
+                "positions": np.broadcast_to(np.arange(config.seq_len), (config.batch_size, config.seq_len)),
+                "loss_mask": np.ones((config.batch_size, config.seq_len), np.float32),
+            }
+            state, metrics = trainer.train_step(state, batch)
+            values.append([float(metrics[key]) for key in ("loss", "grad_norm", "param_norm")])
+        trajectories[multiple] = np.array(values)
+        embeddings[multiple] = (
+            np.asarray(state.params["embed"]["embedding"]),
+            np.asarray(state.params["lm_head"]["kernel"]),
+        )
+    np.testing.assert_allclose(trajectories[128], trajectories[1], rtol=1e-6)
+    embedding, head = embeddings[128]
+    assert embedding.shape == (384, 64) and not np.any(embedding[259:]) and not np.any(head[:, 259:])
+    np.testing.assert_allclose(embedding[:259], embeddings[1][0], rtol=0, atol=1e-6)  # |values| ~ 0.02
+
+
 def test_loss_ignores_masked_targets_and_counts_kept_tokens(tiny_model_config):
     graphdef, params = nnx.split(DiffTransformer(tiny_model_config, rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(0)

@@ -3,13 +3,13 @@
 import dataclasses
 from typing import Any
 
-import jax
 import ml_collections
 from etils import epath
 
 from diffjax.data.tokenizer import Tokenizer
 from diffjax.evaluate.generate import GREEDY, Sampling
 from diffjax.evaluate.load import LoadedModel
+from diffjax.model import parameter_count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +85,7 @@ def model_summary(model: LoadedModel, config: ml_collections.ConfigDict) -> dict
     m = config.model
     return {
         "attention_type": m.attention_type,
-        "parameters": int(sum(x.size for x in jax.tree.leaves(model.params))),
+        "parameters": parameter_count(model.params, model.module.cfg),
         "num_layers": m.num_layers,
         "emb_dim": m.emb_dim,
         "num_heads": m.num_heads,
