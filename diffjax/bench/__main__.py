@@ -10,6 +10,8 @@
     python -m diffjax.bench harness --workdir=runs/tiny_diff [--hf=EXPORTED_DIR] [--count=200] [--harness_batch_size=16]
     python -m diffjax.bench checkpoint [--layers=4] [--repeats=3] [--storage=local,gcs] [--opt_state] \\
         [--config=configs/paper_830m.py]
+    python -m diffjax.bench parity [--parity_variants=diff,diff_gqa,standard] [--parity_steps=100] \\
+        [--config=configs/tiny.py]
 
 The last line printed is `key=value` pairs. For `data` and `train_step` the first is `tokens_per_s`; `train_step` adds
 `peak_rss_mb`, and with `--compare_hf` ends the line with `hf_tokens_per_s` and `ratio` (diffjax / HF).
@@ -24,6 +26,10 @@ lm-eval's `hf` model on the export (`diffjax.bench.harness`), and ends with `key
 `checkpoint` saves and restores a paper model's parameters (paper_830m with `--layers` layers; `--opt_state` adds
 AdamW's state) with Orbax to the local disk and to the Cloud Storage emulator (`diffjax.bench.checkpoint_io`,
 the test extra), prints medians in a table and ends with `STORAGE_save_mb_s`, `STORAGE_restore_mb_s`, `bytes`.
+`parity` trains transformers' initialisation of each variant in diffjax and in transformers on the same batches
+(`diffjax.bench.parity`, the hf extra), prints both losses per step, a verdict per variant (step-0 validation
+loss within 1e-5, the first 10 training losses within 1e-5 relative), ends with `VARIANT_eval_difference` and
+`VARIANT_max_relative_10` pairs, and exits 1 if a variant failed.
 """
 
 import sys
@@ -36,7 +42,7 @@ from diffjax.cli import UsageError, run_main
 from diffjax.evaluate.results import format_table
 from diffjax.parallel.mesh import use_cpu_cores
 
-BENCHMARKS = ("data", "train_step", "kernels", "accelerator", "harness", "checkpoint")
+BENCHMARKS = ("data", "train_step", "kernels", "accelerator", "harness", "checkpoint", "parity")
 _BATCHES = flags.DEFINE_integer("batches", 500, "data: batches to time.")
 _WARMUP = flags.DEFINE_integer("warmup", 20, "data: batches to draw before timing.")
 _EMB_DIM = flags.DEFINE_integer("emb_dim", 256, "train_step: model width E.")
@@ -83,6 +89,9 @@ _LAYERS = flags.DEFINE_integer("layers", 4, "checkpoint: decoder layers of the m
 _REPEATS = flags.DEFINE_integer("repeats", 3, "checkpoint: save/restore round trips per storage (median reported).")
 _STORAGE = flags.DEFINE_list("storage", ["local", "gcs"], "checkpoint: local (a temporary dir), gcs (the emulator).")
 _OPT_STATE = flags.DEFINE_bool("opt_state", False, "checkpoint: save AdamW's state too (3x the bytes).")
+
+_VARIANTS_PARITY = flags.DEFINE_list("parity_variants", ["diff", "diff_gqa", "standard"], "parity: models to compare.")
+_PARITY_STEPS = flags.DEFINE_integer("parity_steps", 100, "parity: training steps per framework.")
 
 
 def bench_data() -> None:
@@ -208,6 +217,28 @@ def bench_checkpoint() -> None:
     run(flags.FLAGS.config, _LAYERS.value, _REPEATS.value, _STORAGE.value, _OPT_STATE.value)
 
 
+def bench_parity() -> None:
+    from diffjax.bench import parity
+    from diffjax.config import base_config
+
+    if _PARITY_STEPS.value < parity.CHECKED_STEPS:
+        raise UsageError(f"--parity_steps={_PARITY_STEPS.value} must be at least {parity.CHECKED_STEPS}")
+    config = flags.FLAGS.config or base_config()  # the default: configs/tiny.py's model and data
+    for variant in _VARIANTS_PARITY.value:
+        parity.variant_config(config, variant)  # bad input fails before anything is trained
+    comparisons = [parity.compare(config, variant, _PARITY_STEPS.value) for variant in _VARIANTS_PARITY.value]
+    print(parity.report(comparisons))
+    pairs = {}
+    for c in comparisons:
+        pairs |= {
+            f"{c.variant}_eval_difference": c.eval_difference,
+            f"{c.variant}_max_relative_10": c.relative_differences()[: parity.CHECKED_STEPS].max(),
+        }
+    print(" ".join(f"{key}={value:.3g}" for key, value in pairs.items()))
+    if not all(c.passed for c in comparisons):
+        sys.exit(1)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[1] not in BENCHMARKS:
         raise UsageError(f"name one benchmark: {', '.join(BENCHMARKS)} (got {argv[1:]})")
@@ -218,6 +249,7 @@ def main(argv: list[str]) -> None:
         "accelerator": bench_accelerator,
         "harness": bench_harness,
         "checkpoint": bench_checkpoint,
+        "parity": bench_parity,
     }
     benchmarks[argv[1]]()
 

@@ -123,6 +123,7 @@ def evaluate_with(lm, tasks, include_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("harness_trained")  # one worker builds the module's `trained`
 def test_every_request_scores_as_the_harness_hf_model_scores_the_export(trained):
     """The peer: lm-eval's own `hf` model on the exported directory, request by request, in float32.
 
@@ -152,6 +153,7 @@ def test_every_request_scores_as_the_harness_hf_model_scores_the_export(trained)
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("harness_trained")  # one worker builds the module's `trained`
 def test_the_cli_writes_harness_metrics_and_compare_shows_them(trained, tmp_path):
     workdir, _, include_path, tasks = trained
     command = [sys.executable, "-m", "diffjax.evaluate", f"--workdir={workdir}", "--tasks=harness"]

@@ -8,6 +8,7 @@ import pytest
 from conftest import REPO, SHORT_RUN, free_port
 
 SCRIPT = REPO / "tests" / "parallel" / "sharded_run.py"
+pytestmark = pytest.mark.xdist_group("sharded")  # one test process computes `sharded_results`, once
 
 
 @pytest.fixture(scope="module")

@@ -113,6 +113,7 @@ def finished_run(tmp_path_factory, data_dir) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("finished_run")  # one worker builds the module's `finished_run`
 def test_sigkill_then_rerun_reproduces_the_uninterrupted_run_bitwise(finished_run, data_dir, tmp_path):
     workdir = tmp_path / "run_b"
     process = subprocess.Popen(command(workdir, data_dir), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -134,6 +135,7 @@ def test_sigkill_then_rerun_reproduces_the_uninterrupted_run_bitwise(finished_ru
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("finished_run")  # one worker builds the module's `finished_run`
 def test_sigterm_finishes_the_step_saves_and_exits_zero_then_resumes(finished_run, data_dir, tmp_path):
     workdir = tmp_path / "run"
     process = subprocess.Popen(
@@ -188,6 +190,7 @@ def test_sigterm_on_one_of_two_processes_stops_both_at_the_same_step(data_dir, t
     assert files == ["process_0-of-2.json", "process_1-of-2.json"]
 
 
+@pytest.mark.xdist_group("finished_run")  # one worker builds the module's `finished_run`
 def test_a_truncated_latest_checkpoint_is_skipped_for_the_previous_one(finished_run, data_dir, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(finished_run, workdir)
@@ -204,6 +207,7 @@ def test_a_truncated_latest_checkpoint_is_skipped_for_the_previous_one(finished_
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("finished_run")  # one worker builds the module's `finished_run`
 def test_no_usable_checkpoint_stops_the_run_unless_restarting_from_scratch_is_asked(finished_run, data_dir, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(finished_run, workdir)
@@ -219,6 +223,7 @@ def test_no_usable_checkpoint_stops_the_run_unless_restarting_from_scratch_is_as
     assert checkpoint_steps(workdir) == [2] and len(list((workdir / "checkpoints.damaged").iterdir())) == 3
 
 
+@pytest.mark.xdist_group("finished_run")  # one worker builds the module's `finished_run`
 def test_a_model_that_does_not_fit_the_checkpoint_is_rejected_and_nothing_changes(finished_run, data_dir, tmp_path):
     before = tree_digest(finished_run)
     result = train(finished_run, data_dir, "--config.model.mlp_dim=384")
@@ -263,6 +268,7 @@ def test_checkpoints_restore_on_other_meshes_and_init_from_starts_fresh(data_dir
     assert [r["step"] for r in records(finetune)] == [1, 2]
 
 
+@pytest.mark.xdist_group("finished_run")  # one worker builds the module's `finished_run`
 def test_find_checkpoint_accepts_a_workdir_its_checkpoints_or_a_step(finished_run, tmp_path):
     checkpoints = finished_run / "checkpoints"
     assert find_checkpoint(finished_run) == (checkpoints, 12)
