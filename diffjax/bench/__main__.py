@@ -12,6 +12,8 @@
         [--config=configs/paper_830m.py]
     python -m diffjax.bench parity [--parity_variants=diff,diff_gqa,standard] [--parity_steps=100] \\
         [--config=configs/tiny.py]
+    python -m diffjax.bench sweep --out=runs/sweep [--sweep_variants=diff,diff_nogain,standard] \\
+        [--sweep_learning_rates=1.5e-3,3e-3,6e-3] [--sweep_seeds=0,1,2] [--nosweep_evaluate] [--config=configs/tiny.py]
 
 The last line printed is `key=value` pairs. For `data` and `train_step` the first is `tokens_per_s`; `train_step` adds
 `peak_rss_mb`, and with `--compare_hf` ends the line with `hf_tokens_per_s` and `ratio` (diffjax / HF).
@@ -30,6 +32,9 @@ the test extra), prints medians in a table and ends with `STORAGE_save_mb_s`, `S
 (`diffjax.bench.parity`, the hf extra), prints both losses per step, a verdict per variant (step-0 validation
 loss within 1e-5, the first 10 training losses within 1e-5 relative), ends with `VARIANT_eval_difference` and
 `VARIANT_max_relative_10` pairs, and exits 1 if a variant failed.
+`sweep` trains every variant x learning rate x seed into `--out/runs/` (`diffjax.bench.sweep`; the same command
+resumes an interrupted sweep), writes `results.json`, `results.md` and `loss_vs_lr.png` into `--out`, evaluates
+the best rate's run of each variant and compares them, and prints the results table last.
 """
 
 import sys
@@ -42,7 +47,7 @@ from diffjax.cli import UsageError, run_main
 from diffjax.evaluate.results import format_table
 from diffjax.parallel.mesh import use_cpu_cores
 
-BENCHMARKS = ("data", "train_step", "kernels", "accelerator", "harness", "checkpoint", "parity")
+BENCHMARKS = ("data", "train_step", "kernels", "accelerator", "harness", "checkpoint", "parity", "sweep")
 _BATCHES = flags.DEFINE_integer("batches", 500, "data: batches to time.")
 _WARMUP = flags.DEFINE_integer("warmup", 20, "data: batches to draw before timing.")
 _EMB_DIM = flags.DEFINE_integer("emb_dim", 256, "train_step: model width E.")
@@ -75,7 +80,9 @@ _AOT_TOPOLOGY = flags.DEFINE_string(
     "aot_topology", "", "kernels: compile for one device of this TPU topology (libtpu) instead of timing."
 )
 
-_OUT = flags.DEFINE_string("out", None, "accelerator: a new (or empty) directory for results.json and results.md.")
+_OUT = flags.DEFINE_string(
+    "out", None, "accelerator: a new (or empty) directory for its results; sweep: its directory (again: resume)."
+)
 _BUDGET_S = flags.DEFINE_float("budget_s", 1200, "accelerator: seconds for the whole suite, shared among the stages.")
 _QUICK = flags.DEFINE_bool("quick", False, "accelerator: every stage at toy sizes (a CPU check of the suite itself).")
 _STAGES = flags.DEFINE_list("stages", [], "accelerator: run only these stages (default: all, in order).")
@@ -92,6 +99,10 @@ _OPT_STATE = flags.DEFINE_bool("opt_state", False, "checkpoint: save AdamW's sta
 
 _VARIANTS_PARITY = flags.DEFINE_list("parity_variants", ["diff", "diff_gqa", "standard"], "parity: models to compare.")
 _PARITY_STEPS = flags.DEFINE_integer("parity_steps", 100, "parity: training steps per framework.")
+_SWEEP_VARIANTS = flags.DEFINE_list("sweep_variants", ["diff", "diff_nogain", "standard"], "sweep: models.")
+_SWEEP_RATES = flags.DEFINE_list("sweep_learning_rates", ["1.5e-3", "3e-3", "6e-3"], "sweep: peak learning rates.")
+_SWEEP_SEEDS = flags.DEFINE_list("sweep_seeds", ["0", "1", "2"], "sweep: seeds (initialisation and data order).")
+_SWEEP_EVALUATE = flags.DEFINE_bool("sweep_evaluate", True, "sweep: evaluate and compare each variant's best run.")
 
 
 def bench_data() -> None:
@@ -239,6 +250,25 @@ def bench_parity() -> None:
         sys.exit(1)
 
 
+def bench_sweep() -> None:
+    from diffjax.bench import sweep
+    from diffjax.config import base_config
+
+    if not _OUT.value:
+        raise UsageError("--out is required: the sweep's directory (the same command resumes it)")
+    try:
+        rates, seeds = [float(x) for x in _SWEEP_RATES.value], [int(x) for x in _SWEEP_SEEDS.value]
+    except ValueError as error:
+        raise UsageError(f"--sweep_learning_rates takes numbers and --sweep_seeds integers: {error}") from None
+    if not (rates and seeds and _SWEEP_VARIANTS.value):
+        raise UsageError("--sweep_variants, --sweep_learning_rates and --sweep_seeds need at least one value each")
+    config = flags.FLAGS.config or base_config()  # the default: configs/tiny.py's model and data
+    use_cpu_cores(config.mesh.shape, config.batch_size // config.grad_accum_steps)  # as train.py does
+    out = Path(_OUT.value).expanduser()
+    summary = sweep.sweep(config, _SWEEP_VARIANTS.value, rates, seeds, out, evaluate=_SWEEP_EVALUATE.value)
+    print(sweep.markdown(summary, len(seeds)))
+
+
 def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[1] not in BENCHMARKS:
         raise UsageError(f"name one benchmark: {', '.join(BENCHMARKS)} (got {argv[1:]})")
@@ -250,6 +280,7 @@ def main(argv: list[str]) -> None:
         "harness": bench_harness,
         "checkpoint": bench_checkpoint,
         "parity": bench_parity,
+        "sweep": bench_sweep,
     }
     benchmarks[argv[1]]()
 

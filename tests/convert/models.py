@@ -22,7 +22,6 @@ CASES = {
     "gqa2_untied_nogain": dict(num_kv_heads=1, tie_embeddings=False, subln_affine=False),
     "gqa4_tied_gain": dict(emb_dim=64, num_heads=4, num_kv_heads=1),
     "standard_untied": dict(attention_type="standard", num_kv_heads=1, tie_embeddings=False),
-    "mha_untied_padded": dict(tie_embeddings=False, vocab_multiple=128),  # 96 rows padded to 128, in no format
 }
 
 
