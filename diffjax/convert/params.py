@@ -8,10 +8,8 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from diffjax.convert.layout import Params
-from diffjax.model import DiffTransformer, ModelConfig
+from diffjax.model import VOCAB_AXES, DiffTransformer, ModelConfig
 from diffjax.train.checkpoint import flat_leaves
-
-VOCAB_AXIS = {"embed/embedding": 0, "lm_head/kernel": 1}  # the parameters with a row per vocabulary entry
 
 
 def _abstract_state(cfg: ModelConfig) -> nnx.State:
@@ -20,9 +18,9 @@ def _abstract_state(cfg: ModelConfig) -> nnx.State:
 
 def _vocab_rows(name: str, value: np.ndarray, rows: int) -> np.ndarray:
     """`value` with `rows` entries along its vocabulary axis: padding cut off, or zeros appended."""
-    if name not in VOCAB_AXIS:
+    if name not in VOCAB_AXES:
         return value
-    axis = VOCAB_AXIS[name]
+    axis = VOCAB_AXES[name]
     if value.shape[axis] >= rows:
         return value[(slice(None),) * axis + (slice(rows),)]
     padding = [(0, 0)] * value.ndim
@@ -38,7 +36,7 @@ def flat_params(state: nnx.State, cfg: ModelConfig) -> Params:
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """The shape of every parameter of a model of `cfg` as `flat_params` gives it (nothing is allocated)."""
     shapes = {name: list(leaf.shape) for name, leaf in flat_leaves(_abstract_state(cfg)).items()}
-    for name, axis in VOCAB_AXIS.items():
+    for name, axis in VOCAB_AXES.items():
         if name in shapes:
             shapes[name][axis] = cfg.vocab_size
     return {name: tuple(shape) for name, shape in shapes.items()}

@@ -14,6 +14,7 @@ from diffjax.ops.reference import causal_mask
 from diffjax.parallel.sharding import constrain
 
 LAYER_AXIS = {nnx.PARTITION_NAME: "layers"}  # the stacked-layer axis of every block parameter
+VOCAB_AXES = {"embed/embedding": 0, "lm_head/kernel": 1}  # parameters with a row per (padded) vocabulary entry
 ACTIVATIONS = ("act_batch", "act_length", "act_embed")
 
 REMAT_POLICIES = {

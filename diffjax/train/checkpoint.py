@@ -31,6 +31,7 @@ from flax import nnx, traverse_util
 from diffjax import files
 from diffjax.cli import RunFailure
 from diffjax.config import ConfigError
+from diffjax.model import VOCAB_AXES
 from diffjax.parallel.mesh import barrier
 from diffjax.train.step import TrainState
 
@@ -127,9 +128,13 @@ def check_shapes(saved: dict[str, tuple[int, ...]], wanted: dict[str, tuple[int,
         if saved.get(name) != wanted.get(name):
             there = saved.get(name, "absent")
             here = wanted.get(name, "absent")
+            padding = ""
+            if name in VOCAB_AXES:
+                padding = " (runs saved before vocabulary padding need model.vocab_multiple=1)"
             raise ConfigError(
                 f"the checkpoint {where} does not fit this config: parameter {name} is {there} there and {here} "
-                "here; use the model settings it was trained with (its metadata holds the config) or another workdir"
+                "here; use the model settings it was trained with (its metadata holds the config) or another "
+                f"workdir{padding}"
             )
 
 

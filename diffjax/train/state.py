@@ -11,7 +11,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffjax.config import ConfigError, model_config
-from diffjax.model import DiffTransformer
+from diffjax.model import VOCAB_AXES, DiffTransformer
 from diffjax.parallel.sharding import as_rules, axis_size, logical_spec, tree_shardings, with_shardings
 from diffjax.train.optimizer import make_optimizer
 from diffjax.train.step import StepOptions, TrainState, eval_step, train_step
@@ -69,11 +69,10 @@ def check_divisible(shapes: nnx.State, shardings: nnx.State) -> None:
             ways = axis_size(sharding.mesh, axes)
             if size % ways:
                 name = jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value")
-                vocab = name in ("embed/embedding", "lm_head/kernel")
-                what = f"model.vocab_multiple a multiple of {ways}" if vocab else f"it a multiple of {ways}"
+                what = "model.vocab_multiple" if name in VOCAB_AXES else "it"
                 raise ConfigError(
                     f"parameter {name} has a dimension of {size} that does not split {ways} ways over mesh axes "
-                    f"{axes}; make {what}, or change mesh.shape"
+                    f"{axes}; make {what} a multiple of {ways}, or change mesh.shape"
                 )
 
 

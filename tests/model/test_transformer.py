@@ -73,8 +73,10 @@ def test_vocabulary_padding_changes_shapes_and_nothing_else(tiny_model_config, t
     outputs = {}
     for cfg in (plain, padded):
         graphdef, params = nnx.split(DiffTransformer(cfg, rngs=nnx.Rngs(0)))
-        loss, grads = jax.value_and_grad(lambda p, g=graphdef: loss_and_count(p, g, batch)[0])(params)
-        logits = nnx.merge(graphdef, params)(batch["inputs"], batch["positions"], batch["segment_ids"])
+        loss, grads = jax.jit(jax.value_and_grad(lambda p, g=graphdef: loss_and_count(p, g, batch)[0]))(params)
+        logits = jax.jit(
+            lambda p, g=graphdef: nnx.merge(g, p)(batch["inputs"], batch["positions"], batch["segment_ids"])
+        )(params)
         outputs[cfg.vocab_multiple] = (params, grads, loss, logits, parameter_count(params, cfg))
     params, grads, loss, logits, count = outputs[128]
     plain_params, _, plain_loss, plain_logits, plain_count = outputs[1]

@@ -233,6 +233,10 @@ def test_a_model_that_does_not_fit_the_checkpoint_is_rejected_and_nothing_change
     mismatch = r"parameter blocks/mlp/\w+/kernel is \(4, 352, 128\) there and \(4, 384, 128\) here"
     assert re.search(mismatch, lines[-1])
     assert tree_digest(finished_run) == before
+    unpadded = train(finished_run, data_dir, "--config.model.vocab_multiple=1").stderr.strip().splitlines()[-1]
+    assert "parameter embed/embedding is (384, 128) there and (259, 128) here" in unpadded
+    assert unpadded.endswith("(runs saved before vocabulary padding need model.vocab_multiple=1)")
+    assert tree_digest(finished_run) == before
 
     fresh = tmp_path / "finetune"  # the same check for init_from, before the new workdir exists
     for source in (finished_run, finished_run / "checkpoints" / "12"):
@@ -245,7 +249,7 @@ def test_a_model_that_does_not_fit_the_checkpoint_is_rejected_and_nothing_change
 def test_checkpoints_restore_on_other_meshes_and_init_from_starts_fresh(data_dir, tmp_path):
     """Saved on 8 devices as (2, 2, 2); restored on 1 device and as (1, 8, 1); fine-tuned from on 1 device."""
     source = tmp_path / "mesh222"
-    steps = ["--config.total_steps=3", "--config.checkpoint_every_steps=0", "--config.model.vocab_size=264"]
+    steps = ["--config.total_steps=3", "--config.checkpoint_every_steps=0"]
     result = train(source, data_dir, *steps, "--config.mesh.shape=(2,2,2)", env=EIGHT_DEVICES)
     assert result.returncode == 0, result.stderr[-3000:]
     one_device = train(source, data_dir, *steps)  # a finished run: restores, evaluates, stops
