@@ -7,7 +7,7 @@ to itself at its own positions (for transformers a 4-D additive mask and `positi
 mean cross entropy over the kept tokens, and the optimizer is diffjax's (global-norm clipping, then AdamW
 with its schedule and weight decay on projection and embedding matrices only), rebuilt in torch.
 
-Used by `python -m diffjax.bench parity` and tests/convert/test_training_parity.py; needs the `hf` extra.
+Used by `python -m diffjax.bench parity` and tests/convert/test_hf_training.py; needs the `hf` extra.
 """
 
 import dataclasses
