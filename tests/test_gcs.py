@@ -264,6 +264,9 @@ def test_the_network_gone_mid_run_fails_naming_the_step_and_the_rerun_resumes_bi
         command = [sys.executable, *train_command(workdir, cache)]
         process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **server.env()}, stderr=subprocess.PIPE)
         wait_for(lambda: stored(server, f"{workdir}/checkpoints/5/commit_success.txt").is_file(), process, "step 5")
+        # The server keeps the marker before it answers the write: give the answer time to arrive (steps take
+        # ~0.2 s, so the run is still short of step 10), or step 5's own save is what the outage interrupts.
+        time.sleep(0.3)
         server.stop()
         _, stderr = process.communicate(timeout=600)
         assert process.returncode == 1, stderr[-3000:]

@@ -13,7 +13,8 @@
     python -m diffjax.bench parity [--parity_variants=diff,diff_gqa,standard] [--parity_steps=100] \\
         [--config=configs/tiny.py]
     python -m diffjax.bench sweep --out=runs/sweep [--sweep_variants=diff,diff_nogain,standard] \\
-        [--sweep_learning_rates=1.5e-3,3e-3,6e-3] [--sweep_seeds=0,1,2] [--nosweep_evaluate] [--config=configs/tiny.py]
+        [--sweep_learning_rates=7.5e-4,1.5e-3,3e-3,6e-3] [--sweep_seeds=0,1,2] [--nosweep_evaluate] \\
+        [--config=configs/tiny.py]
 
 The last line printed is `key=value` pairs. For `data` and `train_step` the first is `tokens_per_s`; `train_step` adds
 `peak_rss_mb`, and with `--compare_hf` ends the line with `hf_tokens_per_s` and `ratio` (diffjax / HF).
@@ -100,7 +101,9 @@ _OPT_STATE = flags.DEFINE_bool("opt_state", False, "checkpoint: save AdamW's sta
 _VARIANTS_PARITY = flags.DEFINE_list("parity_variants", ["diff", "diff_gqa", "standard"], "parity: models to compare.")
 _PARITY_STEPS = flags.DEFINE_integer("parity_steps", 100, "parity: training steps per framework.")
 _SWEEP_VARIANTS = flags.DEFINE_list("sweep_variants", ["diff", "diff_nogain", "standard"], "sweep: models.")
-_SWEEP_RATES = flags.DEFINE_list("sweep_learning_rates", ["1.5e-3", "3e-3", "6e-3"], "sweep: peak learning rates.")
+_SWEEP_RATES = flags.DEFINE_list(
+    "sweep_learning_rates", ["7.5e-4", "1.5e-3", "3e-3", "6e-3"], "sweep: peak learning rates."
+)
 _SWEEP_SEEDS = flags.DEFINE_list("sweep_seeds", ["0", "1", "2"], "sweep: seeds (initialisation and data order).")
 _SWEEP_EVALUATE = flags.DEFINE_bool("sweep_evaluate", True, "sweep: evaluate and compare each variant's best run.")
 

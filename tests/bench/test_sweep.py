@@ -35,32 +35,89 @@ def test_the_summary_gives_means_best_rates_and_gaps_against_seed_noise():
     assert gain["beyond_noise"] and gain["gap"] < 0
     text = sweep.markdown(summary, seeds=3)
     assert "| diff | 1.5200 ± 0.0200 | **1.4100 ± 0.0100** |" in text
-    assert "diff - standard at their best rates: -0.2000 ± 0.0082 (standard error), larger than seed noise" in text
+    assert gap["p_value"] < 1e-3  # Welch's t = -24.5 on 4 degrees of freedom
+    assert (
+        "diff - standard at their best rates: -0.2000 ± 0.0082 (standard error), Welch's t-test p = 1.6e-05: "
+        "larger than seed noise (p < 0.05)"
+    ) in text
+    # diff's best is the largest rate and standard's the smallest: both optima may lie outside the grid
+    assert diff["best_at_edge"] and summary["variants"]["standard"]["best_at_edge"]
+    assert "- diff's best rate 0.002 is at the edge of the grid" in text
 
 
-def test_within_noise_when_the_gap_is_below_two_standard_errors():
+def test_a_best_rate_inside_the_grid_is_not_flagged():
+    summary = sweep.summarize({"diff": {1e-3: [1.5, 1.6], 2e-3: [1.4, 1.45], 4e-3: [1.7, 1.8]}})
+    assert not summary["variants"]["diff"]["best_at_edge"]
+    assert "edge of the grid" not in sweep.markdown(summary, seeds=2)
+
+
+def test_within_noise_when_welchs_test_finds_no_difference():
     summary = sweep.summarize({"diff": {1e-3: [1.0, 1.2]}, "standard": {1e-3: [1.05, 1.25]}})
-    assert not summary["gaps"]["diff - standard"]["beyond_noise"]
+    gap = summary["gaps"]["diff - standard"]
+    np.testing.assert_allclose(gap["p_value"], 0.7575, atol=1e-4)  # t = -0.354 on 2 degrees of freedom
+    assert not gap["beyond_noise"]
 
 
-def test_the_best_runs_are_evaluated_once_and_compared(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(sweep, "_module", lambda *args: calls.append(args))
+def test_one_seed_has_no_spread_to_test_against_and_claims_nothing():
+    gap = sweep.summarize({"diff": {1e-3: [1.0]}, "standard": {1e-3: [2.0]}})["gaps"]["diff - standard"]
+    assert np.isnan(gap["p_value"]) and not gap["beyond_noise"]
+
+
+def _results(noise: float, logit_top1: float) -> dict:
+    """The parts of an evaluation's results.json that the sweep reads."""
+    return {
+        "needles": {"accuracy": 0.25},
+        "attention": {"answer": 0.1, "noise": noise},
+        "outliers": {"attention_logits": {"top-1": logit_top1}, "hidden_states": {"top-1": 3.0, "median": 0.5}},
+    }
+
+
+def test_every_seed_of_the_best_runs_is_evaluated_once_and_the_first_seeds_compared(tmp_path, monkeypatch):
     configs = {
-        (v, lr, 0): sweep.run_config(base_config(), v, lr, 0, tmp_path)
+        (v, lr, seed): sweep.run_config(base_config(), v, lr, seed, tmp_path)
         for v in ("diff", "standard")
         for lr in (1e-3, 2e-3)
+        for seed in (0, 1)
     }
-    summary = sweep.summarize({"diff": {1e-3: [1.5], 2e-3: [1.4]}, "standard": {1e-3: [1.6], 2e-3: [1.7]}})
-    done = files.path(configs[("standard", 1e-3, 0)].workdir) / "eval" / "400" / "results.json"
-    done.parent.mkdir(parents=True)
-    done.write_text("{}")
-    sweep.evaluate_best(summary, configs, 0, tmp_path)
-    best_diff, best_standard = (tmp_path / "runs" / name for name in ("diff_lr0.002_seed0", "standard_lr0.001_seed0"))
+    evaluated = {"diff_lr0.002_seed0": (0.2, 20.0), "diff_lr0.002_seed1": (0.4, 24.0)}
+    evaluated |= {"standard_lr0.001_seed0": (0.5, 30.0), "standard_lr0.001_seed1": (0.7, 34.0)}
+
+    def write_results(workdir: str) -> None:
+        path = tmp_path / "runs" / workdir / "eval" / "400" / "results.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"tasks": _results(*evaluated[workdir])}))
+
+    calls = []
+
+    def evaluate(*args):  # what `python -m diffjax.evaluate --workdir=...` leaves behind
+        calls.append(args)
+        if args[0] == "diffjax.evaluate" and args[1].startswith("--workdir="):
+            write_results(files.path(args[1].removeprefix("--workdir=")).name)
+
+    monkeypatch.setattr(sweep, "_module", evaluate)
+    write_results("standard_lr0.001_seed1")  # evaluated before: not again
+    losses = {"diff": {1e-3: [1.5, 1.5], 2e-3: [1.4, 1.4]}, "standard": {1e-3: [1.6, 1.6], 2e-3: [1.7, 1.7]}}
+    summary = sweep.summarize(losses)
+    summary["evaluation"] = sweep.evaluate_best(summary, configs, [0, 1], tmp_path)
+    summary["evaluation_gaps"] = sweep.evaluation_gaps(summary["evaluation"])
+    run = {name: tmp_path / "runs" / name for name in evaluated}
     assert calls == [
-        ("diffjax.evaluate", f"--workdir={best_diff}"),
-        ("diffjax.evaluate", "compare", f"--runs={best_diff},{best_standard}", f"--out={tmp_path / 'compare'}"),
-    ]
+        ("diffjax.evaluate", f"--workdir={run['diff_lr0.002_seed0']}", "--needle_lengths=512"),
+        ("diffjax.evaluate", f"--workdir={run['diff_lr0.002_seed1']}", "--needle_lengths=512"),
+        ("diffjax.evaluate", f"--workdir={run['standard_lr0.001_seed0']}", "--needle_lengths=512"),
+        ("diffjax.evaluate", "compare", f"--runs={run['diff_lr0.002_seed0']},{run['standard_lr0.001_seed0']}",
+         f"--out={tmp_path / 'compare'}"),
+    ]  # fmt: skip
+    noise = summary["evaluation"]["diff"]["noise share"]
+    np.testing.assert_allclose([noise["mean"], noise["std"]], [0.3, np.sqrt(0.02)])
+    assert summary["evaluation"]["standard"]["attention logit top-1"]["values"] == [30.0, 34.0]
+    logits = summary["evaluation_gaps"]["diff - standard"]["attention logit top-1"]
+    np.testing.assert_allclose([logits["gap"], logits["standard_error"]], [-10.0, 2.828427], rtol=1e-6)
+    assert not logits["beyond_noise"]  # t = -3.54 on 2 degrees of freedom: p = 0.072
+    table = sweep.markdown(summary, seeds=2)
+    assert "| | diff | standard | diff - standard |" in table
+    assert "| attention logit top-1 | 22.000 ± 2.828 | 32.000 ± 2.828 | -10.000 (p = 0.072) |" in table
+    assert "| needle accuracy | 0.250 ± 0.000 | 0.250 ± 0.000 | +0.000 (p = nan) |" in table
 
 
 SMALL = [
@@ -93,7 +150,7 @@ def test_a_small_sweep_writes_its_results_and_the_same_command_finishes_an_inter
     results = json.loads((out / "results.json").read_text())
     assert set(results["variants"]) == {"diff", "standard"} and (out / "loss_vs_lr.png").stat().st_size > 0
     assert result.stdout.strip().splitlines()[-1].startswith("- diff - standard at their best rates:")
-    first = results["variants"]["diff"]["learning_rates"]["0.001"]["losses"]
+    first = results["variants"]["diff"]["learning_rates"]["0.001"]["values"]
     assert len(first) == 1 and np.isfinite(first[0])
     assert any((out / "xla_cache").iterdir())  # runs that differ only in their seed compile once
 
