@@ -105,7 +105,7 @@ _SWEEP_RATES = flags.DEFINE_list(
     "sweep_learning_rates", ["7.5e-4", "1.5e-3", "3e-3", "6e-3"], "sweep: peak learning rates."
 )
 _SWEEP_SEEDS = flags.DEFINE_list("sweep_seeds", ["0", "1", "2"], "sweep: seeds (initialisation and data order).")
-_SWEEP_EVALUATE = flags.DEFINE_bool("sweep_evaluate", True, "sweep: evaluate and compare each variant's best run.")
+_SWEEP_EVALUATE = flags.DEFINE_bool("sweep_evaluate", True, "sweep: evaluate every seed at each variant's best rate.")
 
 
 def bench_data() -> None:

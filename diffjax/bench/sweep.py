@@ -20,7 +20,7 @@ import json
 import math
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import ml_collections
 import numpy as np
@@ -108,7 +108,7 @@ def summarize(losses: dict[str, dict[float, list[float]]]) -> dict[str, dict]:
     return {"variants": variants, "gaps": {f"{a} - {b}": difference(best[a], best[b]) for a, b in pairs(variants)}}
 
 
-def pairs(variants: Sequence[str]) -> list[tuple[str, str]]:
+def pairs(variants: Collection[str]) -> list[tuple[str, str]]:
     """The comparisons that matter: each DIFF variant against the baseline, and DIFF with the gain against DIFF
     without it."""
     compared = [(v, "standard") for v in variants if v != "standard" and "standard" in variants]
@@ -202,7 +202,7 @@ def evaluation_gaps(evaluation: dict[str, dict[str, dict]]) -> dict[str, dict[st
             for metric, spread in evaluation[a].items()
             if metric in evaluation[b]
         }
-        for a, b in pairs(list(evaluation))
+        for a, b in pairs(evaluation)
     }
 
 
